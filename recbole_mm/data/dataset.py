@@ -1,0 +1,285 @@
+"""Multi-modal sequential datasets on top of RecBole's ``SequentialDataset``.
+
+Vocabulary: when ``<d>.item2index`` exists, internal item id ``i + 1`` is item index ``i``
+(id 0 is RecBole's ``[PAD]``), so feature row ``i`` of ``.featNCLS`` is internal id ``i + 1``
+and no reordering is needed.  Every item of ``.item2index`` gets an id, including items that
+never occur in the interactions (they can still be recommended from their features).
+Users are mapped the same way through ``.user2index`` when it exists.
+
+Pre-training (``pretrain_domains: [A, B, ...]``) concatenates the domains: tokens are
+prefixed ``"<domain>:"``, the item vocabulary is domain A's items, then B's, ..., and the
+feature tables are stacked in the same order.  Shuffled batches therefore mix domains.
+
+What models get (shared by every model, frozen):
+
+* ``dataset.features[name]``: ``FloatTensor [item_num, dim]``, row 0 zeros (``name`` is
+  ``"text"`` for ``plm_suffix`` and ``"image"`` for ``img_suffix``);
+* ``dataset.feature_presence[name]``: ``BoolTensor [item_num]``, False for an all-zero row
+  (missing modality) and for padding;
+* ``dataset.item_text``: list of ``item_num`` strings (``""`` for padding), when ``.text`` exists;
+* ``dataset.item_domain``: ``LongTensor [item_num]``, the domain index of every item;
+* ``dataset.item_raw_ids``: raw item ids (ASINs) aligned with internal ids.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import pandas as pd
+import torch
+from recbole.data.dataset import SequentialDataset
+from recbole.utils import FeatureSource, FeatureType
+
+from recbole_mm.data.readers import (
+    DataValidationError,
+    read_features,
+    read_index_file,
+    read_presplit_inter,
+    read_text,
+    require_file,
+)
+
+MODALITY_KEYS = {"plm_suffix": ("text", "plm_size"), "img_suffix": ("image", "img_size")}
+PAD = "[PAD]"
+
+
+class Domain:
+    """One domain folder: ``<path>/<name>.*``."""
+
+    def __init__(self, name: str, path: str, prefix: str = ""):
+        self.name, self.path, self.prefix = name, path, prefix
+
+    def file(self, suffix: str) -> str:
+        return os.path.join(self.path, f"{self.name}.{suffix}")
+
+
+class MMSequentialDataset(SequentialDataset):
+    """Pre-split (``.train/.valid/.test.inter``) or plain (``.inter``) sequential data with
+    optional text/image feature tables.  See the module docstring for the attributes."""
+
+    def __init__(self, config):
+        self.features: dict[str, torch.Tensor] = {}
+        self.feature_presence: dict[str, torch.Tensor] = {}
+        self.item_text: list[str] | None = None
+        self.item_raw_ids: list[str] | None = None
+        self.item_domain: torch.Tensor | None = None
+        self._premapped: set[str] = set()
+        super().__init__(config)
+        self._build_item_tables()
+
+    # -- domains ------------------------------------------------------------------
+    def domains(self) -> list[Domain]:
+        return [Domain(self.dataset_name, self.dataset_path)]
+
+    # -- loading --------------------------------------------------------------------
+    def _load_data(self, token, dataset_path):
+        domains = self.domains()
+        for d in domains:
+            if not os.path.isdir(d.path):
+                raise DataValidationError(f"{d.path}: dataset folder not found (data_path/{d.name})")
+        self._load_vocabularies(domains)
+        if self.benchmark_filename_list is not None:
+            self._load_presplit(domains)
+            self.user_feat = None
+            self.item_feat = None
+        else:
+            if len(domains) != 1:
+                raise DataValidationError("pre-training needs pre-split <d>.train.inter files in every domain")
+            super()._load_data(token, dataset_path)
+            self._premap_plain_inter(domains[0])
+        self._load_side_tables(domains)
+        if self.config["text_as_item_feature"]:
+            self._text_item_feat()
+
+    def _load_vocabularies(self, domains):
+        item_tokens, item_raw, item_domain, user_tokens = [], [], [], []
+        have_items = [os.path.isfile(d.file("item2index")) for d in domains]
+        have_users = [os.path.isfile(d.file("user2index")) for d in domains]
+        if any(have_items) and not all(have_items):
+            missing = domains[have_items.index(False)]
+            raise DataValidationError(f"{missing.file('item2index')}: missing (other domains have one)")
+        self._item_vocab = self._user_vocab = None
+        self._domain_raw: list[list[str]] = []
+        if all(have_items):
+            for di, d in enumerate(domains):
+                raws = read_index_file(d.file("item2index"))
+                self._domain_raw.append(raws)
+                item_tokens += [f"{d.prefix}{i}" for i in range(len(raws))]
+                item_raw += [f"{d.prefix}{r}" for r in raws]
+                item_domain += [di] * len(raws)
+            self._item_vocab = {t: i + 1 for i, t in enumerate(item_tokens)}
+            self.item_raw_ids = [PAD] + item_raw
+            self.item_domain = torch.tensor([0] + item_domain, dtype=torch.long)
+            self._item_tokens = np.array([PAD] + item_tokens)
+        if all(have_users):
+            for d in domains:
+                user_tokens += [f"{d.prefix}{i}" for i in range(len(read_index_file(d.file("user2index"))))]
+            self._user_vocab = {t: i + 1 for i, t in enumerate(user_tokens)}
+            self._user_tokens = np.array([PAD] + user_tokens)
+        for needed in ("plm_suffix", "img_suffix"):
+            if self.config[needed] and self._item_vocab is None:
+                raise DataValidationError(
+                    f"{domains[0].file('item2index')}: missing; needed to align {needed} features with items"
+                )
+
+    def _load_presplit(self, domains):
+        max_len = int(self.config["MAX_ITEM_LIST_LENGTH"])
+        uid, iid = self.uid_field, self.iid_field
+        list_field = iid + self.config["LIST_SUFFIX"]
+        if (uid, list_field, iid) != ("user_id", "item_id_list", "item_id"):
+            raise ValueError("pre-split atomic files use the fields user_id, item_id_list, item_id")
+        item_vocab = self._prefixed_vocab(self._item_vocab)
+        user_vocab = self._prefixed_vocab(self._user_vocab)
+        parts, sizes = [], []
+        for split in self.benchmark_filename_list:
+            frames = []
+            for d in domains:
+                path = require_file(d.file(f"{split}.inter"), f"{split} split")
+                frames.append(
+                    read_presplit_inter(path, item_vocab(d), user_vocab(d), max_len)
+                )
+            df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+            parts.append(df)
+            sizes.append(len(df))
+        self.inter_feat = pd.concat(parts, ignore_index=True)
+        self.file_size_list = sizes
+        seqlen = int(self.inter_feat[list_field].map(len).max())
+        for field, ftype, slen in ((uid, FeatureType.TOKEN, 1), (list_field, FeatureType.TOKEN_SEQ, seqlen), (iid, FeatureType.TOKEN, 1)):
+            self.field2type[field] = ftype
+            self.field2source[field] = FeatureSource.INTERACTION
+            self.field2seqlen[field] = slen
+        if self._item_vocab is not None:
+            self._set_premapped([iid, list_field], self._item_tokens)
+        if self._user_vocab is not None:
+            self._set_premapped([uid], self._user_tokens)
+
+    @staticmethod
+    def _prefixed_vocab(vocab):
+        """Per-domain view: the domain's own token -> global internal id."""
+        if vocab is None:
+            return lambda d: None
+
+        def view(d):
+            if not d.prefix:
+                return vocab
+            n = len(d.prefix)
+            return {t[n:]: i for t, i in vocab.items() if t.startswith(d.prefix)}
+
+        return view
+
+    def _premap_plain_inter(self, domain):
+        """A plain ``<d>.inter`` read by RecBole: map its tokens through ``.item2index``."""
+        df = self.inter_feat
+        lines = np.arange(len(df)) + 2
+        path = domain.file("inter")
+        from recbole_mm.data.readers import _map_tokens
+
+        if self._item_vocab is not None:
+            df[self.iid_field] = _map_tokens(path, df[self.iid_field].astype(str), self._item_vocab, lines, self.iid_field, ".item2index")
+            self._set_premapped([self.iid_field], self._item_tokens)
+        if self._user_vocab is not None:
+            df[self.uid_field] = _map_tokens(path, df[self.uid_field].astype(str), self._user_vocab, lines, self.uid_field, ".user2index")
+            self._set_premapped([self.uid_field], self._user_tokens)
+
+    def _set_premapped(self, fields, tokens):
+        token_id = {t: i for i, t in enumerate(tokens)}
+        for f in fields:
+            self.field2id_token[f] = tokens
+            self.field2token_id[f] = token_id
+            self._premapped.add(f)
+
+    def _remap(self, remap_list):
+        """RecBole's remapping, skipping the fields we already mapped through the index files."""
+        rest = [(feat, field, ftype) for feat, field, ftype in remap_list if field not in self._premapped]
+        if len(rest) != len(remap_list) and rest:
+            # a field sharing a premapped vocabulary (an alias) must use that vocabulary
+            vocab = self.field2token_id[next(f for _, f, _ in remap_list if f in self._premapped)]
+            tokens = self.field2id_token[next(f for _, f, _ in remap_list if f in self._premapped)]
+            for feat, field, ftype in rest:
+                feat[field] = _map_any(feat[field], vocab, field)
+                self.field2id_token[field] = tokens
+                self.field2token_id[field] = vocab
+            return
+        super()._remap(rest)
+
+    def _load_side_tables(self, domains):
+        """Text and feature files named by the config, aligned with the item vocabulary."""
+        if self._item_vocab is None:
+            return
+        if all(os.path.isfile(d.file("text")) for d in domains):
+            texts = []
+            for d, raws in zip(domains, self._domain_raw):
+                texts += read_text(d.file("text"), raws)
+            self.item_text = [""] + texts
+        self._feature_rows: dict[str, np.ndarray] = {}
+        for key, (name, size_key) in MODALITY_KEYS.items():
+            suffix = self.config[key]
+            if not suffix:
+                continue
+            dim = self.config[size_key]
+            blocks = []
+            for d, raws in zip(domains, self._domain_raw):
+                path = require_file(d.file(suffix), f"{name} feature file ({key}: {suffix})")
+                block = read_features(path, raws, dim)
+                dim = block.shape[1]
+                blocks.append(block)
+            self._feature_rows[name] = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
+            self.config[size_key] = dim  # inferred or checked
+
+    def _text_item_feat(self):
+        """``.text`` words as an item ``token_seq`` feature ``item_text`` (for FDSA / S3Rec)."""
+        if self.item_text is None:
+            raise DataValidationError(
+                f"{self.domains()[0].file('text')}: missing; text_as_item_feature needs the item texts"
+            )
+        n_words = int(self.config["text_max_words"])
+        words = [np.array(re.findall(r"[a-z0-9]+", t.lower())[:n_words] or ["[EMPTY]"]) for t in self.item_text[1:]]
+        self.item_feat = pd.DataFrame({self.iid_field: np.arange(1, len(self.item_text), dtype=np.int64)})
+        self.item_feat["item_text"] = words
+        self.field2type["item_text"] = FeatureType.TOKEN_SEQ
+        self.field2source["item_text"] = FeatureSource.ITEM
+        self.field2seqlen["item_text"] = max(map(len, words))
+        self.field2type.setdefault(self.iid_field, FeatureType.TOKEN)
+        self.field2source.setdefault(self.iid_field, FeatureSource.INTERACTION)
+
+    # -- tables for the models ---------------------------------------------------------
+    def _build_item_tables(self):
+        rows = getattr(self, "_feature_rows", {})
+        for name, arr in rows.items():
+            table = torch.zeros(self.item_num, arr.shape[1], dtype=torch.float32)
+            table[1 : 1 + arr.shape[0]] = torch.from_numpy(arr)
+            self.features[name] = table
+            self.feature_presence[name] = table.abs().sum(dim=1) > 0
+        self._feature_rows = {}
+
+    def __str__(self):
+        info = [super().__str__()]
+        for name, t in self.features.items():
+            miss = int((~self.feature_presence[name][1:]).sum())
+            info.append(f"{name} features: {tuple(t.shape)} ({miss} items without this modality)")
+        return "\n".join(info)
+
+
+def _map_any(series: pd.Series, vocab: dict, field: str):
+    def one(tok):
+        if tok not in vocab:
+            raise DataValidationError(f"{field}: token {tok!r} is not in the item vocabulary")
+        return vocab[tok]
+
+    if len(series) and isinstance(series.iloc[0], np.ndarray):
+        return [np.array([one(t) for t in seq], dtype=np.int64) for seq in series]
+    return series.map(one)
+
+
+class MMPretrainDataset(MMSequentialDataset):
+    """Several domains (``pretrain_domains``) merged into one dataset, tokens prefixed
+    ``"<domain>:"``, each domain's own features stacked in vocabulary order."""
+
+    def domains(self) -> list[Domain]:
+        root = self.config["data_root"]
+        names = list(self.config["pretrain_domains"])
+        if len(names) == 1:
+            return [Domain(names[0], os.path.join(root, names[0]))]
+        return [Domain(n, os.path.join(root, n), prefix=f"{n}:") for n in names]

@@ -1,0 +1,201 @@
+"""Validating readers for the atomic files (checked once, at load).
+
+Every failure raises :class:`DataValidationError` with one line naming the file (and the
+line or row) and what was expected.  Readers only read: nothing is ever written.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+
+import numpy as np
+import pandas as pd
+
+INTER_HEADER = ("user_id:token", "item_id_list:token_seq", "item_id:token")
+TEXT_HEADER = ("item_id:token", "text:token_seq")
+
+
+class DataValidationError(ValueError):
+    """An input file does not match the atomic format; the message names file and line."""
+
+
+def _fail(path, where, msg):
+    loc = f"{path}:{where}" if where is not None else f"{path}"
+    raise DataValidationError(f"{loc}: {msg}")
+
+
+def require_file(path: str, what: str) -> str:
+    if not os.path.isfile(path):
+        _fail(path, None, f"missing {what}")
+    return path
+
+
+def read_index_file(path: str) -> list[str]:
+    """``.item2index`` / ``.user2index``: ``raw<TAB>index`` lines, no header, indices 0..n-1.
+
+    Returns the raw ids in index order.
+    """
+    raw_by_index: dict[int, str] = {}
+    seen_raw: dict[str, int] = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.rstrip("\n").rstrip("\r")
+            parts = line.split("\t")
+            if len(parts) != 2 or not parts[0]:
+                _fail(path, lineno, f"expected '<raw id>\\t<integer index>', got {line[:80]!r}")
+            raw, idx = parts
+            try:
+                i = int(idx)
+            except ValueError:
+                _fail(path, lineno, f"index must be an integer, got {idx[:40]!r}")
+            if i < 0:
+                _fail(path, lineno, f"index must be >= 0, got {i}")
+            if i in raw_by_index:
+                _fail(path, lineno, f"index {i} is used twice (also for {raw_by_index[i]!r})")
+            if raw in seen_raw:
+                _fail(path, lineno, f"raw id {raw!r} listed twice")
+            raw_by_index[i] = raw
+            seen_raw[raw] = i
+    n = len(raw_by_index)
+    if n == 0:
+        _fail(path, None, "is empty; expected one '<raw id>\\t<index>' line per entry")
+    if max(raw_by_index) != n - 1:
+        missing = next(i for i in range(n) if i not in raw_by_index)
+        _fail(path, None, f"indices must be 0..{n - 1} without gaps; index {missing} is missing")
+    return [raw_by_index[i] for i in range(n)]
+
+
+def _read_header(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        first = f.readline()
+    if not first:
+        _fail(path, 1, "file is empty; expected a header line")
+    return first.rstrip("\n").rstrip("\r").split("\t")
+
+
+def read_presplit_inter(
+    path: str,
+    item_vocab: dict[str, int] | None,
+    user_vocab: dict[str, int] | None,
+    max_len: int,
+) -> pd.DataFrame:
+    """Read ``<d>.<split>.inter`` (``user_id:token item_id_list:token_seq item_id:token``).
+
+    Tokens are mapped through ``item_vocab``/``user_vocab`` (token -> internal id) when given;
+    an unknown token is an error naming its line.  Item lists keep their last ``max_len``
+    items.  Returns a DataFrame with ``user_id``, ``item_id_list`` (arrays) and ``item_id``.
+    """
+    header = _read_header(path)
+    if tuple(header) != INTER_HEADER:
+        _fail(path, 1, f"header must be {'<TAB>'.join(INTER_HEADER)!r}, got {'<TAB>'.join(header)!r}")
+    try:
+        df = pd.read_csv(
+            path,
+            sep="\t",
+            header=0,
+            names=["user_id", "item_id_list", "item_id"],
+            dtype=str,
+            keep_default_na=False,
+            na_values=[],
+            quoting=csv.QUOTE_NONE,
+            skip_blank_lines=False,
+            engine="c",
+        )
+    except pd.errors.ParserError as e:  # e.g. "Expected 3 fields in line 7, saw 4"
+        msg = str(e).split("C error: ")[-1].strip()
+        _fail(path, None, f"expected 3 tab-separated columns: {msg}")
+    if len(df) == 0:
+        _fail(path, None, "has a header but no rows")
+    lines = np.arange(len(df)) + 2  # header is line 1
+    nulls = df.isna().any(axis=1).to_numpy()
+    if nulls.any():
+        r = int(np.argmax(nulls))
+        _fail(path, int(lines[r]), "expected 3 tab-separated columns (user, item list, item)")
+    for col in ("user_id", "item_id"):
+        empty = (df[col] == "").to_numpy()
+        if empty.any():
+            r = int(np.argmax(empty))
+            _fail(path, int(lines[r]), f"empty {col} (expected 3 tab-separated columns: user, item list, item)")
+    seqs = df["item_id_list"].str.split(" ")
+    seqs = seqs.map(lambda s: [t for t in s if t])
+    lengths = seqs.map(len).to_numpy()
+    if (lengths == 0).any():
+        r = int(np.argmax(lengths == 0))
+        _fail(path, int(lines[r]), "empty item_id_list: every row needs at least one history item")
+
+    flat = pd.Series(np.concatenate(seqs.to_numpy()) if len(seqs) else [], dtype=object)
+    if item_vocab is not None:
+        flat_ids = _map_tokens(path, flat, item_vocab, np.repeat(lines, lengths), "item_id_list", ".item2index")
+        target = _map_tokens(path, df["item_id"], item_vocab, lines, "item_id", ".item2index")
+    else:
+        flat_ids, target = flat.to_numpy(), df["item_id"].to_numpy()
+    if user_vocab is not None:
+        users = _map_tokens(path, df["user_id"], user_vocab, lines, "user_id", ".user2index")
+    else:
+        users = df["user_id"].to_numpy()
+    parts = np.split(flat_ids, np.cumsum(lengths)[:-1])
+    if lengths.max() > max_len:
+        parts = [p[-max_len:] for p in parts]
+    out = pd.DataFrame({"user_id": users, "item_id": target})
+    out.insert(1, "item_id_list", parts)
+    return out
+
+
+def _map_tokens(path, tokens: pd.Series, vocab: dict, lines, field: str, vocab_name: str) -> np.ndarray:
+    ids = tokens.map(vocab)
+    bad = ids.isna().to_numpy()
+    if bad.any():
+        r = int(np.argmax(bad))
+        _fail(path, int(lines[r]), f"{field} token {tokens.iloc[r]!r} is not in {vocab_name}")
+    return ids.to_numpy(dtype=np.int64)
+
+
+def read_text(path: str, raw_ids: list[str]) -> list[str]:
+    """``.text``: header ``item_id:token<TAB>text:token_seq``, rows keyed by raw item id.
+
+    Returns the texts aligned with ``raw_ids``; every item must have a non-empty text.
+    """
+    header = _read_header(path)
+    if tuple(header) != TEXT_HEADER:
+        _fail(path, 1, f"header must be {'<TAB>'.join(TEXT_HEADER)!r}, got {'<TAB>'.join(header)!r}")
+    texts: dict[str, str] = {}
+    with open(path, encoding="utf-8") as f:
+        next(f)
+        for lineno, line in enumerate(f, 2):
+            line = line.rstrip("\n").rstrip("\r")
+            raw, sep, text = line.partition("\t")
+            if not sep or not raw:
+                _fail(path, lineno, f"expected '<raw item id>\\t<text>', got {line[:80]!r}")
+            texts[raw] = text.strip()
+    out = []
+    for raw in raw_ids:
+        t = texts.get(raw)
+        if not t:
+            _fail(path, None, f"item {raw!r} (from .item2index) has no text; every item needs one")
+        out.append(t)
+    return out
+
+
+def read_features(path: str, raw_ids: list[str], dim: int | None) -> np.ndarray:
+    """``.featNCLS``: raw little-endian float32, ``n_items x dim``, row i = item index i."""
+    n_items = len(raw_ids)
+    size = os.path.getsize(path)
+    if size == 0 or size % 4:
+        _fail(path, None, f"size {size} bytes is not a positive multiple of 4 (float32 rows expected)")
+    n_floats = size // 4
+    if dim is None:
+        if n_floats % n_items:
+            _fail(path, None, f"{n_floats} floats cannot be {n_items} rows (one per item in .item2index)")
+        dim = n_floats // n_items
+    elif n_floats % dim:
+        _fail(path, None, f"size {size} bytes is not a multiple of 4*dim = {4 * dim}")
+    rows = n_floats // dim
+    if rows != n_items:
+        _fail(path, None, f"has {rows} rows of dim {dim}, expected {n_items} (one per item in .item2index)")
+    arr = np.fromfile(path, dtype="<f4").reshape(n_items, dim)
+    finite = np.isfinite(arr).all(axis=1)
+    if not finite.all():
+        r = int(np.argmin(finite))
+        _fail(path, f"row {r}", f"item {raw_ids[r]!r} has NaN or Inf values")
+    return arr.astype(np.float32, copy=False)

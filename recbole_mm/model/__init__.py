@@ -1,0 +1,1 @@
+"""Models (one per file) and the blocks they share (``layers.py``)."""

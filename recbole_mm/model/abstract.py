@@ -1,0 +1,64 @@
+"""Base class of the recbole_mm models."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from logging import getLogger
+
+import torch
+from recbole.model.abstract_recommender import SequentialRecommender
+
+
+class MMSequentialRecommender(SequentialRecommender):
+    """A RecBole ``SequentialRecommender`` with shared feature tables and an item-table cache.
+
+    * ``register_features(dataset, names)`` registers the dataset's frozen feature tables as
+      non-persistent buffers ``<name>_features`` / ``<name>_presence`` (shared data, not
+      weights: checkpoints do not carry them, so a model transfers to another catalogue).
+    * ``compute_item_table()`` returns the representation of every item; inside
+      ``with model.item_table_cache():`` (what the trainer does around each evaluation) it is
+      computed once and reused by every batch.
+    """
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self._item_table = None
+        self._item_cache_on = False
+
+    def register_features(self, dataset, names):
+        for name in names:
+            if name not in dataset.features:
+                raise ValueError(
+                    f"{self.__class__.__name__} needs '{name}' features: set "
+                    f"{'plm_suffix' if name == 'text' else 'img_suffix'} to a feature file of the dataset"
+                )
+            self.register_buffer(f"{name}_features", dataset.features[name].clone(), persistent=False)
+            self.register_buffer(f"{name}_presence", dataset.feature_presence[name].clone(), persistent=False)
+
+    def compute_item_table(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def item_table(self) -> torch.Tensor:
+        if not self._item_cache_on:
+            return self.compute_item_table()
+        if self._item_table is None:
+            self._item_table = self.compute_item_table()
+        return self._item_table
+
+    @contextmanager
+    def item_table_cache(self):
+        self._item_cache_on, self._item_table = True, None
+        try:
+            yield
+        finally:
+            self._item_cache_on, self._item_table = False, None
+
+    def load_pretrained(self, state_dict: dict) -> None:
+        """Load transferable weights from a pre-training checkpoint (missing keys stay fresh)."""
+        own = self.state_dict()
+        usable = {k: v for k, v in state_dict.items() if k in own and own[k].shape == v.shape}
+        skipped = sorted(set(state_dict) - set(usable))
+        missing = sorted(set(own) - set(usable))
+        self.load_state_dict(usable, strict=False)
+        log = getLogger()
+        log.info(f"loaded {len(usable)} pre-trained tensors; fresh: {missing}; skipped: {skipped}")

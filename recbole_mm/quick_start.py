@@ -1,0 +1,157 @@
+"""``run(...)``: config -> validated dataset -> model -> trainer -> evaluator -> result file.
+
+Used by both command-line entry points and by the tests.  The dataset is loaded and
+validated before anything is written (no log file, no checkpoint folder), so a bad input
+fails with its one-line error and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import tempfile
+from logging import getLogger
+from time import perf_counter
+
+import torch
+from recbole.utils import init_logger, init_seed
+
+from recbole_mm.config import Config, config_to_plain
+from recbole_mm.data import create_dataset, data_preparation
+from recbole_mm.model.abstract import MMSequentialRecommender
+from recbole_mm.trainer import MMTrainer, load_checkpoint
+from recbole_mm.utils import get_model
+
+MODES = ("inductive", "transductive")
+
+
+def build_config(model, dataset, stage="finetune", mode=None, config_files=None, config_dict=None, overrides=None):
+    model_class = get_model(model) if isinstance(model, str) else model
+    config_dict = dict(config_dict or {})
+    if mode is not None:
+        if mode not in MODES:
+            raise ValueError(f"--mode must be one of {MODES}, got '{mode}'")
+        if issubclass(model_class, MMSequentialRecommender):
+            config_dict["train_stage"] = f"{mode}_ft"
+        elif mode == "inductive":
+            raise ValueError(
+                f"{model_class.__name__} is an ID-based RecBole model: it has no inductive (feature-only) mode"
+            )
+    return Config(model_class, dataset, stage, config_files, config_dict, overrides)
+
+
+def run(
+    model,
+    dataset,
+    stage="finetune",
+    mode=None,
+    pretrained=None,
+    resume=None,
+    config_files=None,
+    config_dict=None,
+    overrides=None,
+    saved=True,
+):
+    """Train and evaluate one model; returns the result dict (also written as JSON)."""
+    t_start = perf_counter()
+    config = build_config(model, dataset, stage, mode, config_files, config_dict, overrides)
+    init_seed(config["seed"], config["reproducibility"])
+    ds = create_dataset(config)  # validates every input file; writes nothing
+    pretrained_state = load_checkpoint(pretrained)["state_dict"] if pretrained else None
+
+    _reset_root_logger()  # so repeated runs in one process each get their own log file
+    init_logger(config)
+    logger = getLogger()
+    logger.info(config)
+    logger.info(ds)
+    train_data, valid_data, test_data = data_preparation(config, ds)
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    net = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    if pretrained_state is not None:
+        if hasattr(net, "load_pretrained"):
+            net.load_pretrained(pretrained_state)
+        else:
+            net.load_state_dict(pretrained_state, strict=False)
+        logger.info(f"pre-trained weights from {pretrained}")
+    logger.info(net)
+    trainer = MMTrainer(config, net, ds)
+    if resume:
+        trainer.resume_checkpoint(resume, train_data)
+
+    show = bool(config["show_progress"])
+    trainer.fit(train_data, valid_data, saved=saved, show_progress=show)
+    t_eval = perf_counter()
+    test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=show) if test_data else None
+    eval_seconds = perf_counter() - t_eval
+
+    train_secs = [h["train_seconds"] for h in trainer.history]
+    result = {
+        "model": config["model"],
+        "dataset": config["dataset"],
+        "stage": stage,
+        "mode": mode,
+        "checkpoint": trainer.saved_model_file if saved else None,
+        "pretrained": pretrained,
+        "best_epoch": trainer.best_epoch,
+        "valid": trainer.best_valid_result,
+        "test": test_result,
+        "timings": {
+            "train_seconds_per_epoch": train_secs,
+            "mean_train_seconds_per_epoch": sum(train_secs) / len(train_secs) if train_secs else None,
+            "valid_seconds_per_epoch": [h.get("valid_seconds") for h in trainer.history],
+            "test_seconds": eval_seconds,
+            "total_seconds": perf_counter() - t_start,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        },
+        "params": {
+            "total": sum(p.numel() for p in net.parameters()),
+            "trainable": sum(p.numel() for p in net.parameters() if p.requires_grad),
+        },
+        "history": trainer.history,
+        "config": config_to_plain(config),
+    }
+    if saved:
+        write_json(result, trainer.result_file)
+        result["result_file"] = trainer.result_file
+    table = metrics_table(result["valid"], result["test"])
+    logger.info("\n" + table)
+    return result
+
+
+def _reset_root_logger():
+    root = logging.getLogger()
+    for handler in root.handlers[:]:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def metrics_table(valid: dict | None, test: dict | None) -> str:
+    keys = list((valid or test or {}).keys())
+    rows = [f"{'metric':<12}{'valid':>10}{'test':>10}"]
+    for k in keys:
+        v = f"{valid[k]:.4f}" if valid and k in valid else "-"
+        t = f"{test[k]:.4f}" if test and k in test else "-"
+        rows.append(f"{k:<12}{v:>10}{t:>10}")
+    return "\n".join(rows)
+
+
+def write_json(obj, path):
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, default=_json_default)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _json_default(o):
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    return str(o)

@@ -1,0 +1,76 @@
+"""Tiny generated atomic datasets (written into a test's tmp folder, never committed).
+
+Users walk a hidden item cycle (item i is usually followed by item i+1 of its cluster), so
+a sequential model can learn the next item and must beat popularity.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+HEADER = "user_id:token\titem_id_list:token_seq\titem_id:token\n"
+
+
+def make_dataset(
+    root,
+    name="Tiny",
+    n_users=120,
+    n_items=40,
+    seq_len=(5, 12),
+    dim_text=16,
+    dim_img=8,
+    missing_images=(3, 7),
+    seed=0,
+    max_len=50,
+    plain_inter=False,
+):
+    """Write ``root/name/name.*`` and return the folder path."""
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(str(root), name)
+    os.makedirs(folder, exist_ok=True)
+    asins = [f"A{seed}{i:05d}" for i in range(n_items)]
+    users = [f"U{seed}{u:05d}" for u in range(n_users)]
+    seqs = []
+    for _ in range(n_users):
+        length = int(rng.integers(seq_len[0], seq_len[1] + 1))
+        start = int(rng.integers(n_items))
+        s, cur = [], start
+        for _ in range(length):
+            s.append(cur)
+            cur = (cur + 1) % n_items if rng.random() < 0.85 else int(rng.integers(n_items))
+        seqs.append(s)
+    p = lambda ext: os.path.join(folder, f"{name}.{ext}")  # noqa: E731
+    with open(p("item2index"), "w") as f:
+        f.writelines(f"{a}\t{i}\n" for i, a in enumerate(asins))
+    with open(p("user2index"), "w") as f:
+        f.writelines(f"{u}\t{i}\n" for i, u in enumerate(users))
+    with open(p("text"), "w") as f:
+        f.write("item_id:token\ttext:token_seq\n")
+        f.writelines(f"{a}\tItem number {i} of cluster {i // 5}. Brand{i % 3}.\n" for i, a in enumerate(asins))
+    if plain_inter:
+        with open(p("inter"), "w") as f:
+            f.write("user_id:token\titem_id:token\ttimestamp:float\n")
+            for u, s in enumerate(seqs):
+                f.writelines(f"{u}\t{it}\t{1000 + t}\n" for t, it in enumerate(s))
+    else:
+        tr, va, te = [HEADER], [HEADER], [HEADER]
+        j = lambda xs: " ".join(map(str, xs[-max_len:]))  # noqa: E731
+        for u, s in enumerate(seqs):
+            train = s[:-2]
+            for t in range(1, len(train)):
+                tr.append(f"{u}\t{j(train[:t])}\t{train[t]}\n")
+            va.append(f"{u}\t{j(train)}\t{s[-2]}\n")
+            te.append(f"{u}\t{j(s[:-1])}\t{s[-1]}\n")
+        for split, lines in (("train", tr), ("valid", va), ("test", te)):
+            with open(p(f"{split}.inter"), "w") as f:
+                f.writelines(lines)
+    # features: item i's vector is close to item i+1's (so content helps), a few image rows are missing
+    base = rng.normal(size=(n_items, dim_text)).astype(np.float32)
+    base = (base + np.roll(base, -1, axis=0)) / 2
+    base.tofile(p("feat1CLS"))
+    img = rng.normal(size=(n_items, dim_img)).astype(np.float32)
+    img[list(missing_images)] = 0.0
+    img.tofile(p("feat3CLS"))
+    return folder
