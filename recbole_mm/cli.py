@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(pt, "comma-separated domain folders under data_path (default data_path: dataset/pretrain/), e.g. A,B")
     pt.add_argument("--nproc", type=int, default=1, help="processes on this machine (distributed pre-training; 1 = single process)")
+
+    from recbole_mm.pipeline.cli import add_commands
+
+    add_commands(sub)  # preprocess, extract-text, extract-image, merge
     return parser
 
 
@@ -79,10 +83,16 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    if args.command not in ("finetune", "pretrain"):
+        from recbole_mm.pipeline.cli import run_command
+
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return run_command(args)
     overrides = parse_overrides(rest)
 
     from recbole_mm.data import DataValidationError
-    from recbole_mm.quick_start import run
+    from recbole_mm.quick_start import UsageError, run
 
     try:
         if args.command == "finetune":
@@ -93,7 +103,7 @@ def main(argv=None) -> int:
                 raise SystemExit("recbole-mm: --nproc > 1 (distributed pre-training) is not available in this version")
             run(args.model, args.dataset, "pretrain", resume=args.resume,
                 config_files=args.config_files, overrides=overrides, saved=args.saved)
-    except (DataValidationError, FileNotFoundError) as e:
+    except (DataValidationError, FileNotFoundError, UsageError) as e:
         print(f"recbole-mm: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -27,19 +27,29 @@ from recbole_mm.utils import get_model
 MODES = ("inductive", "transductive")
 
 
+class UsageError(ValueError):
+    """A combination of model, stage and options that cannot run (reported without a traceback)."""
+
+
 def build_config(model, dataset, stage="finetune", mode=None, config_files=None, config_dict=None, overrides=None):
     model_class = get_model(model) if isinstance(model, str) else model
     config_dict = dict(config_dict or {})
     if mode is not None:
         if mode not in MODES:
-            raise ValueError(f"--mode must be one of {MODES}, got '{mode}'")
+            raise UsageError(f"--mode must be one of {MODES}, got '{mode}'")
         if issubclass(model_class, MMSequentialRecommender):
             config_dict["train_stage"] = f"{mode}_ft"
         elif mode == "inductive":
-            raise ValueError(
+            raise UsageError(
                 f"{model_class.__name__} is an ID-based RecBole model: it has no inductive (feature-only) mode"
             )
-    return Config(model_class, dataset, stage, config_files, config_dict, overrides)
+    config = Config(model_class, dataset, stage, config_files, config_dict, overrides)
+    if config["model"] == "S3Rec" and config["train_stage"] == "finetune" and not config["pre_model_path"]:
+        raise UsageError(
+            "S3Rec fine-tuning needs --pre_model_path=<checkpoint> from "
+            "'run_pretrain.py -m S3Rec -d <dataset> --train_stage=pretrain'"
+        )
+    return config
 
 
 def run(

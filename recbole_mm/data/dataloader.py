@@ -3,8 +3,9 @@
 RecBole pads every batch to the dataset's longest list (35 on Scientific_mm, whose average
 is 3.4).  Sequences are left-aligned with right padding, so cutting the padded columns past
 the batch's longest sequence changes no result for models that mask padding; it removes
-most of the attention/FFN work.  Models that need the full width (e.g. Caser's vertical
-convolution) set ``trim_batch_seq: False`` in their props.
+most of the attention/FFN work.  Models that need a fixed width (Caser's vertical
+convolution spans ``MAX_ITEM_LIST_LENGTH``) set ``trim_batch_seq: False`` in their props:
+their batches are padded to exactly ``MAX_ITEM_LIST_LENGTH`` columns instead.
 """
 
 from __future__ import annotations
@@ -15,17 +16,24 @@ from recbole.data.dataloader import FullSortEvalDataLoader, TrainDataLoader
 
 
 def trim_batch(dataset, interaction, config):
-    """Cut the ``*_list`` fields of ``interaction`` to its longest ``item_length`` (in place)."""
-    if not config["trim_batch_seq"]:
-        return interaction
+    """Cut the ``*_list`` fields of ``interaction`` to its longest ``item_length`` (in place),
+    or pad them to ``MAX_ITEM_LIST_LENGTH`` when ``trim_batch_seq`` is off."""
     len_field = config["ITEM_LIST_LENGTH_FIELD"]
     if len_field not in interaction.interaction:
         return interaction
-    longest = max(int(interaction[len_field].max()), 1)
+    if config["trim_batch_seq"]:
+        width = max(int(interaction[len_field].max()), 1)
+    else:
+        width = int(config["MAX_ITEM_LIST_LENGTH"])
     suffix = config["LIST_SUFFIX"]
     for field, value in interaction.interaction.items():
-        if field.endswith(suffix) and value.dim() >= 2 and value.size(1) > longest:
-            interaction.interaction[field] = value[:, :longest]
+        if not field.endswith(suffix) or value.dim() < 2 or value.size(1) == width:
+            continue
+        if value.size(1) > width:
+            interaction.interaction[field] = value[:, :width]
+        else:
+            pad = value.new_zeros((value.size(0), width - value.size(1), *value.shape[2:]))
+            interaction.interaction[field] = torch.cat([value, pad], dim=1)
     return interaction
 
 
