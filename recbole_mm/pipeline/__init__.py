@@ -1,0 +1,1 @@
+"""Data pipeline: raw Amazon reviews -> atomic files -> feature files."""
