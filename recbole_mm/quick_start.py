@@ -43,11 +43,13 @@ def build_config(model, dataset, stage="finetune", mode=None, config_files=None,
             raise UsageError(
                 f"{model_class.__name__} is an ID-based RecBole model: it has no inductive (feature-only) mode"
             )
+    if stage == "pretrain" and (issubclass(model_class, MMSequentialRecommender) or model_class.__name__ == "S3Rec"):
+        config_dict.setdefault("train_stage", "pretrain")
     config = Config(model_class, dataset, stage, config_files, config_dict, overrides)
     if config["model"] == "S3Rec" and config["train_stage"] == "finetune" and not config["pre_model_path"]:
         raise UsageError(
             "S3Rec fine-tuning needs --pre_model_path=<checkpoint> from "
-            "'run_pretrain.py -m S3Rec -d <dataset> --train_stage=pretrain'"
+            "'run_pretrain.py -m S3Rec -d <dataset>'"
         )
     return config
 

@@ -74,3 +74,19 @@ def make_dataset(
     img[list(missing_images)] = 0.0
     img.tofile(p("feat3CLS"))
     return folder
+
+
+def popularity_ndcg10(root, name):
+    """NDCG@10 of recommending the most frequent training targets to everybody."""
+    def rows(split):
+        with open(os.path.join(root, name, f"{name}.{split}.inter")) as f:
+            next(f)
+            return [line.rstrip("\n").split("\t") for line in f]
+
+    counts = {}
+    for _, hist, target in rows("train"):
+        for t in hist.split() + [target]:
+            counts[t] = counts.get(t, 0) + 1
+    top = [t for t, _ in sorted(counts.items(), key=lambda kv: -kv[1])[:10]]
+    gains = [1 / np.log2(top.index(t) + 2) if t in top else 0.0 for _, _, t in rows("test")]
+    return float(np.mean(gains))

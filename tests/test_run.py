@@ -12,25 +12,9 @@ import pytest
 import torch
 
 from conftest import quick
-from fixtures import make_dataset
+from fixtures import make_dataset, popularity_ndcg10
 from recbole_mm.quick_start import build_config, run
 from recbole_mm.trainer import load_checkpoint
-
-
-def popularity_ndcg10(root, name):
-    """NDCG@10 of recommending the most frequent training targets to everybody."""
-    def rows(split):
-        with open(os.path.join(root, name, f"{name}.{split}.inter")) as f:
-            next(f)
-            return [line.rstrip("\n").split("\t") for line in f]
-
-    counts = {}
-    for _, hist, target in rows("train"):
-        for t in hist.split() + [target]:
-            counts[t] = counts.get(t, 0) + 1
-    top = [t for t, _ in sorted(counts.items(), key=lambda kv: -kv[1])[:10]]
-    gains = [1 / np.log2(top.index(t) + 2) if t in top else 0.0 for _, _, t in rows("test")]
-    return float(np.mean(gains))
 
 
 def test_sasrec_learns_saves_and_reloads_exactly(tiny_root, workdir):

@@ -41,7 +41,13 @@ from recbole_mm.data.readers import (
     require_file,
 )
 
-MODALITY_KEYS = {"plm_suffix": ("text", "plm_size"), "img_suffix": ("image", "img_size")}
+# config key -> (features name, size key).  ``plm_suffix_aug``: optional text features of
+# word-dropped texts (UniSRec's ``feat2CLS``), checked against ``plm_size``.
+MODALITY_KEYS = {
+    "plm_suffix": ("text", "plm_size"),
+    "plm_suffix_aug": ("text_aug", "plm_size"),
+    "img_suffix": ("image", "img_size"),
+}
 PAD = "[PAD]"
 
 
