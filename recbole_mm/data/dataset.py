@@ -117,6 +117,8 @@ class MMSequentialDataset(SequentialDataset):
                 item_domain += [di] * len(raws)
             self._item_vocab = {t: i + 1 for i, t in enumerate(item_tokens)}
             self.item_raw_ids = [PAD] + item_raw
+            if len(domains) == 1 and os.path.isfile(domains[0].file("pt_datasets")):
+                item_domain = _merged_item_domains(domains[0].file("pt_datasets"), item_raw)
             self.item_domain = torch.tensor([0] + item_domain, dtype=torch.long)
             self._item_tokens = np.array([PAD] + item_tokens)
         if all(have_users):
@@ -266,6 +268,23 @@ class MMSequentialDataset(SequentialDataset):
             miss = int((~self.feature_presence[name][1:]).sum())
             info.append(f"{name} features: {tuple(t.shape)} ({miss} items without this modality)")
         return "\n".join(info)
+
+
+def _merged_item_domains(path: str, item_raw: list[str]) -> list[int]:
+    """Domain index of each item of a merged folder (``recbole-mm merge``): raw ids are
+    ``"<domain>:<raw>"`` and ``<name>.pt_datasets`` lists the domains in order."""
+    with open(path, encoding="utf-8") as f:
+        names = [n.strip() for n in f.readline().split(",") if n.strip()]
+    index = {n: k for k, n in enumerate(names)}
+    out = []
+    for r, raw in enumerate(item_raw):
+        k = index.get(raw.split(":", 1)[0])
+        if k is None:
+            raise DataValidationError(
+                f"{path}: item index {r} ({raw!r}) has no '<domain>:' prefix from the domains {names}"
+            )
+        out.append(k)
+    return out
 
 
 def _map_any(series: pd.Series, vocab: dict, field: str):

@@ -1,0 +1,89 @@
+"""Shared helpers of the data pipeline: atomic outputs, dataset folders, errors, progress."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+
+from recbole_mm.data.readers import read_index_file, require_file
+
+
+class PipelineError(RuntimeError):
+    """A pipeline step cannot go on; the message says which file/filter and why."""
+
+
+def progress(iterable=None, **kw):
+    """tqdm on stderr, disabled when stderr is not a terminal unless forced by the caller."""
+    from tqdm.auto import tqdm
+
+    kw.setdefault("file", sys.stderr)
+    kw.setdefault("disable", None)  # None: only on a TTY
+    kw.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, **kw)
+
+
+def dataset_name(folder: str) -> str:
+    """``OUT/<name>`` -> ``<name>`` (files are ``OUT/<name>/<name>.*``)."""
+    return os.path.basename(os.path.normpath(folder))
+
+
+def dataset_file(folder: str, suffix: str) -> str:
+    return os.path.join(folder, f"{dataset_name(folder)}.{suffix}")
+
+
+def read_items(folder: str) -> list[str]:
+    """Raw item ids in index order (``<name>.item2index``), validated."""
+    if not os.path.isdir(folder):
+        raise PipelineError(f"{folder}: dataset folder not found")
+    return read_index_file(require_file(dataset_file(folder, "item2index"), "item index (.item2index)"))
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder + ``os.replace``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def staged_folder(final: str, overwrite: bool = False):
+    """Yield a temporary sibling folder; on success it replaces ``final`` in one rename.
+
+    On any error the temporary folder is removed and ``final`` is left as it was, so an output
+    folder is never half-written.
+    """
+    final = os.path.abspath(final)
+    parent = os.path.dirname(final)
+    if os.path.exists(final) and not overwrite:
+        raise PipelineError(f"{final}: already exists (use --overwrite to replace it)")
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(final)}.partial-{uuid.uuid4().hex[:8]}")
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        old = None
+        if os.path.exists(final):
+            old = os.path.join(parent, f".{os.path.basename(final)}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(final, old)
+        os.rename(tmp, final)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
