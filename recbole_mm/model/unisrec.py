@@ -121,7 +121,8 @@ class UniSRec(MMSequentialRecommender):
         """Sequence representation (last position) ``[B, H]``.
 
         ``text_table``: adapted text vectors of all items, gathered per token.  Without it
-        every token's raw features go through the adaptor (pre-training, as the reference);
+        (pre-training) the raw features go through the adaptor: once per distinct item of the
+        batch, or once per token with ``adaptor_per_token`` (the reference);
         ``replace`` ``[B, L]`` then marks the tokens whose features are swapped for their
         word-dropped (``plm_suffix_aug``) or feature-dropped version.
         """
@@ -129,7 +130,7 @@ class UniSRec(MMSequentialRecommender):
         items = packing.pack(item_seq)
         if text_table is not None:
             x = text_table.index_select(0, items)
-        else:
+        elif self.adaptor_per_token:  # the reference: one adaptor pass (own dropout draw) per token
             feats = self.text_features.index_select(0, items)
             if replace is not None:
                 swap = packing.pack(replace).unsqueeze(-1)
@@ -139,6 +140,18 @@ class UniSRec(MMSequentialRecommender):
                     other = F.dropout(feats, self.feature_drop_ratio, True)
                 feats = torch.where(swap, other, feats)
             x = self.moe_adaptor(feats)
+        else:  # one adaptor pass per distinct item of the batch (+ one per augmented token)
+            uniq, inverse = torch.unique(items, return_inverse=True)
+            x = self.moe_adaptor(self.text_features.index_select(0, uniq)).index_select(0, inverse)
+            if replace is not None:
+                where = packing.pack(replace).nonzero().squeeze(1)
+                if where.numel():
+                    swapped = items.index_select(0, where)
+                    if self.text_aug_features is not None:
+                        other = self.text_aug_features.index_select(0, swapped)
+                    else:
+                        other = F.dropout(self.text_features.index_select(0, swapped), self.feature_drop_ratio, True)
+                    x = x.index_copy(0, where, self.moe_adaptor(other))
         x = x + self.position_embedding(packing.positions)
         if self.item_embedding is not None:
             x = x + self.item_embedding(items)
