@@ -5,7 +5,8 @@ Precedence, lowest first:
 1. RecBole's internal defaults (its ``overall.yaml``, its ``<Model>.yaml`` for RecBole models);
 2. ``props/overall.yaml``;
 3. ``props/pretrain.yaml`` or ``props/finetune.yaml`` (the run stage);
-4. ``props/<Model>.yaml`` (if present);
+4. ``props/<Model>.yaml`` (if present), then ``props/<Model>.<stage>.yaml`` (if present:
+   a model's stage-specific defaults, e.g. MISSRec's pre-training batch size);
 5. ``props/<dataset>.yaml`` (if present; for a pre-training run, each domain's, in order);
 6. ``config_file_list`` (``--config_files``), in order;
 7. ``config_dict`` (Python callers);
@@ -38,7 +39,7 @@ def layered_prop_files(model_name: str, dataset: str, stage: str) -> list[str]:
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got '{stage}'")
     root = props_dir()
-    names = ["overall.yaml", f"{stage}.yaml", f"{model_name}.yaml"]
+    names = ["overall.yaml", f"{stage}.yaml", f"{model_name}.yaml", f"{model_name}.{stage}.yaml"]
     names += [f"{d}.yaml" for d in split_domains(dataset)]
     return [str(root / n) for n in names if (root / n).is_file()]
 

@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -136,11 +138,14 @@ def _block(x, index, n_heads):
     return x.index_select(0, index.reshape(-1)).view(n, w, n_heads, -1).transpose(1, 2)
 
 
-def packed_attention(q, k, v, packing: Packing, n_heads: int, dropout_p: float, queries_last: bool):
-    """Causal multi-head attention of packed tokens, bucket by bucket.
+def packed_attention(q, k, v, packing: Packing, n_heads: int, dropout_p: float, queries_last: bool,
+                     causal: bool = True):
+    """Multi-head attention of packed tokens, bucket by bucket (causal, or bidirectional
+    within each sequence with ``causal=False``).
 
-    ``queries_last``: ``q`` is ``[B, H]`` (one query per sequence, at its last token) and the
-    result is ``[B, H]``; otherwise ``q`` is ``[T, H]`` and so is the result.
+    ``queries_last``: ``q`` is ``[B, H]`` (one query per sequence, attending to all of its
+    tokens, as its last token does) and the result is ``[B, H]``; otherwise ``q`` is
+    ``[T, H]`` and so is the result.
     """
     outs = []
     for seqs, index, ok in packing.buckets:
@@ -149,10 +154,14 @@ def packed_attention(q, k, v, packing: Packing, n_heads: int, dropout_p: float, 
             qb = q.index_select(0, seqs).view(seqs.numel(), n_heads, 1, -1)
             ctx = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=ok[:, None, None, :], dropout_p=dropout_p)
             outs.append(ctx.reshape(seqs.numel(), -1))
-        else:
+        elif causal:
             qb = _block(q, index, n_heads)
             # padding slots repeat the last real token and come after it: causality hides them
             ctx = F.scaled_dot_product_attention(qb, kb, vb, dropout_p=dropout_p, is_causal=True)
+            outs.append(ctx.transpose(1, 2).reshape(*index.shape, -1)[ok])
+        else:
+            qb = _block(q, index, n_heads)
+            ctx = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=ok[:, None, None, :], dropout_p=dropout_p)
             outs.append(ctx.transpose(1, 2).reshape(*index.shape, -1)[ok])
     restore = packing.seq_restore if queries_last else packing.token_restore
     return torch.cat(outs).index_select(0, restore)
@@ -218,3 +227,106 @@ def same_target_mask(targets: torch.Tensor) -> torch.Tensor:
     """``[B, B]``: True where ``targets[i] == targets[j]`` and ``i != j``."""
     same = targets.unsqueeze(1) == targets.unsqueeze(0)
     return same & ~torch.eye(targets.numel(), dtype=torch.bool, device=targets.device)
+
+
+# --------------------------------------------------------------------------------------
+# Mini-batch k-means (plain torch: CPU and GPU alike, no cupy)
+
+
+def _nearest(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """Index of the nearest centroid (Euclidean) of every row of ``x``."""
+    c_sq = (centroids * centroids).sum(1)
+    out = []
+    for start in range(0, x.size(0), chunk):
+        b = x[start : start + chunk]
+        # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; ||x||^2 is constant per row
+        out.append((c_sq.unsqueeze(0) - 2.0 * (b @ centroids.T)).argmin(1))
+    return torch.cat(out)
+
+
+def _kmeanspp(x: torch.Tensor, k: int, generator) -> torch.Tensor:
+    """Greedy k-means++ seeding (as scikit-learn): at each step ``2 + log k`` candidates are
+    drawn with probability proportional to the squared distance to the nearest centre so far,
+    and the one that lowers the total squared distance most is kept."""
+    n = x.size(0)
+    n_local = 2 + int(math.log(k))
+    x_sq = (x * x).sum(1)
+    first = int(torch.randint(n, (1,), generator=generator))
+    idx = torch.empty(k, dtype=torch.long)
+    idx[0] = first
+    d = (x_sq - 2.0 * (x @ x[first]) + x_sq[first]).clamp_min_(0)
+    for j in range(1, k):
+        total = d.sum()
+        if float(total) <= 0:  # fewer distinct points than k
+            rest = torch.ones(n, dtype=torch.bool)
+            rest[idx[:j]] = False
+            idx[j:] = torch.nonzero(rest).squeeze(1)[: k - j]
+            break
+        u = torch.rand(n_local, generator=generator, dtype=torch.float64).to(x.device) * float(total)
+        cand = torch.searchsorted(torch.cumsum(d.double(), 0), u).clamp_max_(n - 1)
+        dc = (x_sq.unsqueeze(0) - 2.0 * (x[cand] @ x.T) + x_sq[cand].unsqueeze(1)).clamp_min_(0)  # [L, n]
+        new = torch.minimum(dc, d.unsqueeze(0))
+        best = int(new.sum(1).argmin())
+        idx[j] = cand[best]
+        d = new[best]
+    return x[idx.to(x.device)].clone()
+
+
+@torch.no_grad()
+def minibatch_kmeans(
+    x: torch.Tensor,
+    k: int,
+    n_iter: int = 5,
+    batch_size: int = 2048,
+    tol: float = 1e-5,
+    generator: torch.Generator | None = None,
+    init: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mini-batch k-means (Sculley 2010), as MISSRec's interest discovery uses it.
+
+    Centroids start at ``k`` points chosen by greedy k-means++ (``init="k-means++"``) or at
+    ``k`` distinct random points (``"random"``, as the reference; cheaper, but it merges
+    clusters more often).  ``"auto"`` uses k-means++ when ``k * N <= 2e6`` (its cost grows
+    with ``k * N * log k``) and random points otherwise (then ``k`` is a large fraction of
+    ``N``, as in fine-tuning, where the seeding matters little).  Each of ``n_iter`` passes visits the
+    points in a random order in batches of ``max(batch_size, 1.1 k)`` (a short last batch
+    is merged into the one before) and moves every centroid to the running mean of the
+    points assigned to it so far (``c += (sum - n_b c) / n_c``); a pass that moves no
+    centroid by more than ``tol`` stops early.  Returns ``(centroids [k, D], assignment [N])``.
+    Deterministic for a given ``generator`` state.
+    """
+    n = x.size(0)
+    if n == 0:
+        raise ValueError("k-means needs at least one point")
+    k = max(1, min(int(k), n))
+    x = x.float()
+    dev = x.device
+    rand = lambda m: torch.randperm(m, generator=generator).to(dev)  # noqa: E731  (CPU generator)
+    if init == "auto":
+        init = "k-means++" if k * n <= 2e6 else "random"
+    if init == "random":
+        centroids = x[rand(n)[:k]].clone()
+    elif init == "k-means++":
+        centroids = _kmeanspp(x, k, generator)
+    else:
+        raise ValueError(f"k-means init must be 'k-means++' or 'random', got {init!r}")
+    counts = torch.zeros(k, device=dev)
+    bs = max(int(batch_size), int(1.1 * k))
+    for _ in range(n_iter):
+        order = rand(n)
+        starts = list(range(0, n, bs))
+        if len(starts) > 1 and n - starts[-1] < bs:
+            starts.pop()  # merge the short last batch into the previous one
+        bounds = starts[1:] + [n]
+        old = centroids.clone()
+        for start, end in zip(starts, bounds):
+            b = x[order[start:end]]
+            assign = _nearest(b, centroids)
+            sums = torch.zeros_like(centroids).index_add_(0, assign, b)
+            cnt = torch.bincount(assign, minlength=k).to(x.dtype)
+            counts += cnt
+            hit = cnt > 0
+            centroids[hit] += (sums[hit] - cnt[hit, None] * centroids[hit]) / counts[hit, None]
+        if (centroids - old).norm(dim=1).max() < tol:
+            break
+    return centroids, _nearest(x, centroids)
