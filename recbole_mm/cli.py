@@ -1,8 +1,10 @@
-"""Command line: ``recbole-mm finetune|pretrain ...`` (also ``run_finetune.py`` / ``run_pretrain.py``)."""
+"""Command line: ``recbole-mm finetune|pretrain|recommend|leaderboard ...`` (also ``run_finetune.py`` / ``run_pretrain.py``)
+and the data pipeline's commands (``recbole_mm/pipeline/cli.py``)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 OVERRIDES_HELP = """
@@ -11,6 +13,23 @@ config overrides:
   --data_path=../shared/data --epochs 20 --learning_rate=0.003 --use_gpu=False
   Layering, lowest first: RecBole defaults < props/overall.yaml < props/{stage}.yaml
   < props/<Model>.yaml < props/<dataset>.yaml < --config_files < overrides.
+"""
+
+
+DISTRIBUTED_HELP = """
+distributed pre-training (torch.distributed, DistributedDataParallel):
+  --nproc N on one machine, or torchrun on one or several machines (same code path):
+    run_pretrain.py --nproc 2 -m UniSRec -d A,B
+    torchrun --standalone --nproc_per_node 8 run_pretrain.py -m UniSRec -d A,B
+    torchrun --nnodes 2 --node_rank 0|1 --nproc_per_node 8 --rdzv_endpoint HOST0:29500 \\
+        run_pretrain.py -m UniSRec -d A,B
+  NCCL on GPU (one GPU per process), gloo on CPU (--use_gpu=False).  train_batch_size is
+  the global batch, split evenly over the processes (must be divisible by their number);
+  --gather_negatives=True (default) keeps the in-batch contrastive negatives of the whole
+  global batch, so the gradients equal a single process's.  Rank 0 writes the log and the
+  checkpoints; --resume continues from <run>.resume.pth.  If a process fails or dies the
+  whole job stops with a non-zero status and that process's error; --dist_timeout=SECONDS
+  (default 1800) bounds how long a process waits for a peer on another machine.
 """
 
 
@@ -47,15 +66,26 @@ def build_parser() -> argparse.ArgumentParser:
         "pretrain",
         help="pre-train on one or several merged domains",
         description="Pre-train a model on the domains given with -d (merged, tokens prefixed by domain).",
-        epilog=OVERRIDES_HELP,
+        epilog=OVERRIDES_HELP + DISTRIBUTED_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _common(pt, "comma-separated domain folders under data_path (default data_path: dataset/pretrain/), e.g. A,B")
-    pt.add_argument("--nproc", type=int, default=1, help="processes on this machine (distributed pre-training; 1 = single process)")
+    pt.add_argument("--nproc", type=int, default=1, metavar="N",
+                    help="distributed pre-training in N processes on this machine (torch.distributed.elastic, "
+                         "as 'torchrun --standalone --nproc_per_node N'; one GPU each, or CPU with gloo); "
+                         "default 1: a single process. Several machines: torchrun (see below)")
 
     from recbole_mm.pipeline.cli import add_commands
 
     add_commands(sub)  # preprocess, extract-text, extract-image, merge
+
+    from recbole_mm.recommend_cli import register as add_recommend
+
+    add_recommend(sub)  # recommend
+
+    from recbole_mm.leaderboard import register as add_leaderboard
+
+    add_leaderboard(sub)  # leaderboard
     return parser
 
 
@@ -80,12 +110,35 @@ def parse_overrides(rest: list[str]) -> dict:
 
 
 def main(argv=None) -> int:
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):  # a worker of torchrun / --nproc: report errors to its agent
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        return record(_main)(argv)
+    return _main(argv)
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """``argv`` less ``--nproc N`` / ``--nproc=N``: what each of the N processes runs."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
+def _main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command not in ("finetune", "pretrain"):
         from recbole_mm.pipeline.cli import run_command
 
+        if getattr(args, "config_overrides", False):  # leaderboard: --key=value overrides for every run
+            args.overrides, args.argv, rest = parse_overrides(rest), argv, []
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return run_command(args)
@@ -99,8 +152,12 @@ def main(argv=None) -> int:
             run(args.model, args.dataset, "finetune", mode=args.mode, pretrained=args.pretrained,
                 resume=args.resume, config_files=args.config_files, overrides=overrides, saved=args.saved)
         elif args.command == "pretrain":
-            if args.nproc != 1:
-                raise SystemExit("recbole-mm: --nproc > 1 (distributed pre-training) is not available in this version")
+            if args.nproc < 1:
+                parser.error("--nproc must be >= 1")
+            if args.nproc > 1:  # relaunch this command in N processes under torch.distributed.elastic
+                from recbole_mm.distributed import launch
+
+                return launch(args.nproc, "recbole_mm.cli", _without_nproc(argv))
             run(args.model, args.dataset, "pretrain", resume=args.resume,
                 config_files=args.config_files, overrides=overrides, saved=args.saved)
     except (DataValidationError, FileNotFoundError, UsageError) as e:

@@ -1,7 +1,7 @@
 """RecBole 1.2.1 on today's numpy / pandas / torch / setuptools, fixed in one place.
 
 RecBole 1.2.1 (Feb 2025) is the newest release and is frozen.  On the current stack it
-breaks in four places; each fix below is small, scoped to RecBole, idempotent, and has its
+breaks in five places; each fix below is small, scoped to RecBole, idempotent, and has its
 own test in ``tests/test_compat.py``.  :func:`apply` is called on ``import recbole_mm``.
 
 1. **numpy >= 2** removed ``np.float_``/``np.unicode_``/``np.complex_``.
@@ -29,6 +29,12 @@ own test in ``tests/test_compat.py``.  :func:`apply` is called on ``import recbo
    floats are never imputed.  Fix: sequence columns read by RecBole get ``""`` for empty
    cells right after ``read_csv``, and ``_fill_nan`` first fills token/float columns by
    assignment (what RecBole meant), then runs the original.
+5. **Autograd anomaly detection left on.** ``recbole/model/sequential_recommender/sine.py``
+   calls ``torch.autograd.set_detect_anomaly(True)`` at import time, and importing *any*
+   RecBole sequential model (``get_model("SASRec")`` imports the whole package) runs it: every
+   later backward pass in the process is checked for NaN and records forward traces (slow),
+   and a harmless NaN that a model masks out aborts training.  Fix: the module is imported
+   here once with the process's anomaly setting restored afterwards.
 """
 
 from __future__ import annotations
@@ -169,6 +175,10 @@ def apply() -> None:
     import recbole.trainer.trainer as rb_trainer
 
     configurator.Config.compatibility_settings = _compatibility_settings
+    anomaly = torch.is_anomaly_enabled()
+    import recbole.model.sequential_recommender.sine  # noqa: F401  (sets anomaly detection on)
+
+    torch.autograd.set_detect_anomaly(anomaly)
     if not isinstance(rb_trainer.torch, _TorchLoadDefaultsToFullPickle):
         rb_trainer.torch = _TorchLoadDefaultsToFullPickle(torch)
     if not isinstance(rb_dataset.pd, _PandasSeqNaNSafe):

@@ -109,12 +109,20 @@ class Config(RecBoleConfig):
         super()._set_default_parameters()
 
     def _init_device(self):
+        from recbole_mm import distributed
+
         use_gpu = bool(self.final_config_dict.get("use_gpu", True)) and torch.cuda.is_available()
+        world, local_rank = distributed.env_world_size(), distributed.env_local_rank()
         self.final_config_dict["gpu_id"] = str(self.final_config_dict.get("gpu_id", "0"))
+        # RecBole's own DDP (tcp init, its sampler and trainer wrapper) stays off: a distributed
+        # job runs through recbole_mm.distributed (torchrun's env://, one GPU per local rank)
         self.final_config_dict["single_spec"] = True
-        self.final_config_dict["local_rank"] = 0
-        self.final_config_dict["world_size"] = 1
-        self.final_config_dict["device"] = torch.device("cuda" if use_gpu else "cpu")
+        self.final_config_dict["local_rank"] = local_rank
+        self.final_config_dict["world_size"] = world
+        if use_gpu:
+            self.final_config_dict["device"] = torch.device(f"cuda:{local_rank}" if world > 1 else "cuda")
+        else:
+            self.final_config_dict["device"] = torch.device("cpu")
 
 
 def to_plain(value):

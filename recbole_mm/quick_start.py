@@ -3,6 +3,10 @@
 Used by both command-line entry points and by the tests.  The dataset is loaded and
 validated before anything is written (no log file, no checkpoint folder), so a bad input
 fails with its one-line error and leaves nothing behind.
+
+Launched distributed (torchrun or ``--nproc``: ``WORLD_SIZE > 1`` in the environment) every
+rank runs this same function inside the process group (``recbole_mm.distributed``); rank 0
+writes the log file, checkpoints and the result JSON, every rank returns the same result.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from time import perf_counter
 import torch
 from recbole.utils import init_logger, init_seed
 
+from recbole_mm import distributed
 from recbole_mm.config import Config, config_to_plain
 from recbole_mm.data import create_dataset, data_preparation
 from recbole_mm.model.abstract import MMSequentialRecommender
@@ -69,17 +74,31 @@ def run(
     """Train and evaluate one model; returns the result dict (also written as JSON)."""
     t_start = perf_counter()
     config = build_config(model, dataset, stage, mode, config_files, config_dict, overrides)
+    world = distributed.env_world_size()
+    if world > 1 and int(config["train_batch_size"]) % world:
+        raise UsageError(
+            f"train_batch_size={config['train_batch_size']} is the global batch: it must be divisible by "
+            f"the number of processes ({world}); each process takes train_batch_size / {world}"
+        )
+    with distributed.process_group(config):
+        return _run(config, stage, mode, pretrained, resume, saved, t_start)
+
+
+def _run(config, stage, mode, pretrained, resume, saved, t_start):
     init_seed(config["seed"], config["reproducibility"])
     ds = create_dataset(config)  # validates every input file; writes nothing
     pretrained_state = load_checkpoint(pretrained)["state_dict"] if pretrained else None
 
     _reset_root_logger()  # so repeated runs in one process each get their own log file
-    init_logger(config)
+    if distributed.is_main():
+        init_logger(config)
+    else:
+        distributed.setup_rank_logging()  # no log file; warnings and errors to stderr
     logger = getLogger()
     logger.info(config)
     logger.info(ds)
     train_data, valid_data, test_data = data_preparation(config, ds)
-    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    init_seed(config["seed"] + distributed.rank(), config["reproducibility"])  # own random draws per rank
     net = get_model(config["model"])(config, train_data._dataset).to(config["device"])
     if pretrained_state is not None:
         if hasattr(net, "load_pretrained"):
@@ -92,7 +111,7 @@ def run(
     if resume:
         trainer.resume_checkpoint(resume, train_data)
 
-    show = bool(config["show_progress"])
+    show = bool(config["show_progress"]) and distributed.is_main()  # one progress bar per job
     trainer.fit(train_data, valid_data, saved=saved, show_progress=show)
     t_eval = perf_counter()
     test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=show) if test_data else None
@@ -125,7 +144,8 @@ def run(
         "config": config_to_plain(config),
     }
     if saved:
-        write_json(result, trainer.result_file)
+        if distributed.is_main():
+            write_json(result, trainer.result_file)
         result["result_file"] = trainer.result_file
     table = metrics_table(result["valid"], result["test"])
     logger.info("\n" + table)

@@ -90,3 +90,25 @@ def popularity_ndcg10(root, name):
     top = [t for t, _ in sorted(counts.items(), key=lambda kv: -kv[1])[:10]]
     gains = [1 / np.log2(top.index(t) + 2) if t in top else 0.0 for _, _, t in rows("test")]
     return float(np.mean(gains))
+
+
+TINY_WORDS = ["item", "number", "of", "cluster", "brand", "title", "category", "glue", "red", "blue", "tape",
+              "the", "a", "for", "and", "with", "pack", "bottle", "."]
+
+
+def make_tiny_bert(folder, hidden=32, layers=2, heads=2, intermediate=64, max_positions=256, seed=0):
+    """A random tiny BERT (``transformers`` folder with a word-level WordPiece vocabulary:
+    special tokens, :data:`TINY_WORDS`, digits, letters and their ``##`` pieces)."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    os.makedirs(folder, exist_ok=True)
+    chars = [str(d) for d in range(10)] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + TINY_WORDS + chars + ["##" + c for c in chars]
+    tok = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
+    tok.save_pretrained(folder)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                     intermediate_size=intermediate, max_position_embeddings=max_positions)
+    torch.manual_seed(seed)
+    BertModel(cfg).save_pretrained(folder)
+    return str(folder)

@@ -97,3 +97,19 @@ def test_empty_sequence_field_under_copy_on_write(tmp_path, workdir):
     assert len(tags) == 3 and len(tags.iloc[1]) == 0 and len(tags.iloc[0]) == 2  # row 2: empty sequence
     assert not ds.inter_feat["rating"].isna().any()  # NaN float imputed with the mean
     assert ds.inter_feat["rating"].iloc[1] == pytest.approx(4.0)
+
+
+def test_importing_recbole_models_leaves_anomaly_detection_off():
+    code = (
+        "import torch, recbole_mm;"
+        "from recbole.utils import get_model;"
+        "get_model('SASRec'); import recbole.model.sequential_recommender.sine;"
+        "print(torch.is_anomaly_enabled())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "False"
+    # without the fix RecBole turns it on (the test would be meaningless otherwise)
+    plain = "import torch; from recbole.utils import get_model; get_model('SASRec'); print(torch.is_anomaly_enabled())"
+    out = subprocess.run([sys.executable, "-c", plain], capture_output=True, text=True, timeout=300)
+    assert out.stdout.split()[-1] == "True", out.stderr[-2000:]

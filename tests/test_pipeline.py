@@ -130,7 +130,7 @@ def test_2023_and_2018_layouts_give_identical_datasets(tmp_path):
     write_2018(tmp_path / "raw18", "Cat", reviews, meta)
     s23 = preprocess(str(tmp_path / "raw23"), "Cat", str(tmp_path / "o23"), fmt="amazon2023", kcore_k=3, log=lambda m: None)
     s18 = preprocess(str(tmp_path / "raw18"), "Cat", str(tmp_path / "o18"), fmt="amazon2018", kcore_k=3, log=lambda m: None)
-    for suffix in OUTPUT_SUFFIXES[:-1] + ("imageurl",):
+    for suffix in OUTPUT_SUFFIXES[:-1] + ("imageurl", "attr"):
         a = (tmp_path / "o23" / "Cat" / f"Cat.{suffix}").read_text()
         b = (tmp_path / "o18" / "Cat" / f"Cat.{suffix}").read_text()
         assert a == b, suffix
@@ -152,6 +152,11 @@ def test_2023_and_2018_layouts_give_identical_datasets(tmp_path):
     row = dict(line.split("\t") for line in text[1:])
     assert row["B0001"] == "Widget & gadget number 1. Group 1. Brand1."
     assert row["B0005"] == "Tool 5 with bold name. Group 2. Brand1."
+    attr = (tmp_path / "o23" / "Cat" / "Cat.attr").read_text().splitlines()  # Recformer's item attributes
+    assert attr[0] == "item_id:token\ttitle:token_seq\tbrand:token_seq\tcategory:token_seq"
+    cells = {line.split("\t")[0]: line.split("\t")[1:] for line in attr[1:]}
+    assert cells["B0001"] == ["Widget & gadget number 1", "Brand1", "Group 1"]
+    assert cells["B0000"] == ["Tool 0 with bold name", "", "Group 0"]  # no brand
     urls = (tmp_path / "o23" / "Cat" / "Cat.imageurl").read_text().splitlines()
     assert urls[0] == "item_id:token\turl:token" and all(u.split("\t")[1].endswith(".jpg") for u in urls[1:])
     stats = json.loads((tmp_path / "o23" / "Cat" / "Cat.stats.json").read_text())
@@ -246,6 +251,7 @@ def test_merge_equals_the_runtime_domain_merge(tmp_path):
     assert torch.equal(merged.features["text"], runtime.features["text"])
     assert torch.equal(merged.item_domain, runtime.item_domain)
     assert merged.item_raw_ids == runtime.item_raw_ids
+    assert merged.item_attributes == runtime.item_attributes and merged.item_attributes[1]["title"]
     assert merged.inter_num == runtime.inter_num
     for ds in (merged, runtime):  # same (user, target) pairs, by raw ids
         ds.pairs = sorted(zip(ds.inter_feat["user_id"].tolist(), [ds.item_raw_ids[i] for i in ds.inter_feat["item_id"].tolist()]))

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from recbole.data.dataloader import FullSortEvalDataLoader, TrainDataLoader
 
+from recbole_mm import distributed
+
 
 def trim_batch(dataset, interaction, config):
     """Cut the ``*_list`` fields of ``interaction`` to its longest ``item_length`` (in place),
@@ -37,7 +39,25 @@ def trim_batch(dataset, interaction, config):
     return interaction
 
 
-class MMTrainDataLoader(TrainDataLoader):
+class _GlobalBatches(torch.utils.data.DataLoader):
+    """Sits between RecBole's ``AbstractDataLoader`` and torch's ``DataLoader`` (see the MRO
+    of :class:`MMTrainDataLoader`): takes the ``shuffle`` / ``batch_size`` / ``generator``
+    RecBole passes and builds the same global batches (``RandomSampler`` on the loader's
+    seeded generator, ``batch_size`` = ``train_batch_size``), of which this rank loads its
+    share (:class:`recbole_mm.distributed.GlobalBatchSampler`; all of it in one process)."""
+
+    def __init__(self, dataset, batch_size, shuffle=False, sampler=None, generator=None, **kwargs):
+        if sampler is None:
+            sampler = (torch.utils.data.RandomSampler(dataset, generator=generator) if shuffle
+                       else torch.utils.data.SequentialSampler(dataset))
+        batches = distributed.GlobalBatchSampler(sampler, batch_size, distributed.rank(), distributed.world_size())
+        super().__init__(dataset, batch_sampler=batches, generator=generator, **kwargs)
+
+
+class MMTrainDataLoader(TrainDataLoader, _GlobalBatches):
+    """RecBole's train loader (batches trimmed to their longest sequence) loading this rank's
+    share of each global batch of ``train_batch_size``."""
+
     def collate_fn(self, index):
         data = trim_batch(self._dataset, self._dataset[np.array(index)], self.config)
         return self._neg_sampling(self.transform(self._dataset, data))

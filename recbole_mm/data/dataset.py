@@ -17,6 +17,14 @@ What models get (shared by every model, frozen):
 * ``dataset.feature_presence[name]``: ``BoolTensor [item_num]``, False for an all-zero row
   (missing modality) and for padding;
 * ``dataset.item_text``: list of ``item_num`` strings (``""`` for padding), when ``.text`` exists;
+* ``dataset.item_attributes``: list of ``item_num`` ``{key: value}`` dicts (``None`` for padding
+  and for items the file does not list), when ``<d>.attr`` exists in some domain
+  (``readers.read_attributes``; Recformer / Reo-LM item sentences);
+* ``dataset.item_image_files``: list of ``item_num`` image paths (``None`` for padding and for
+  items without an image), when ``image_path`` names a folder of raw images (models that
+  encode images end to end, e.g. PMMRec's ``end_to_end`` mode); files are named
+  ``<raw item id><ext>`` or, for a single domain, ``<item index><ext>``, as for
+  ``recbole-mm extract-image``;
 * ``dataset.item_domain``: ``LongTensor [item_num]``, the domain index of every item;
 * ``dataset.item_raw_ids``: raw item ids (ASINs) aligned with internal ids.
 """
@@ -34,6 +42,7 @@ from recbole.utils import FeatureSource, FeatureType
 
 from recbole_mm.data.readers import (
     DataValidationError,
+    read_attributes,
     read_features,
     read_index_file,
     read_presplit_inter,
@@ -69,6 +78,8 @@ class MMSequentialDataset(SequentialDataset):
         self.features: dict[str, torch.Tensor] = {}
         self.feature_presence: dict[str, torch.Tensor] = {}
         self.item_text: list[str] | None = None
+        self.item_attributes: list[dict[str, str] | None] | None = None
+        self.item_image_files: list[str | None] | None = None
         self.item_raw_ids: list[str] | None = None
         self.item_domain: torch.Tensor | None = None
         self._premapped: set[str] = set()
@@ -221,6 +232,13 @@ class MMSequentialDataset(SequentialDataset):
             for d, raws in zip(domains, self._domain_raw):
                 texts += read_text(d.file("text"), raws)
             self.item_text = [""] + texts
+        if any(os.path.isfile(d.file("attr")) for d in domains):
+            attrs: list[dict[str, str] | None] = [None]
+            for d, raws in zip(domains, self._domain_raw):
+                attrs += read_attributes(d.file("attr"), raws)[1] if os.path.isfile(d.file("attr")) else [None] * len(raws)
+            self.item_attributes = attrs
+        if self.config["image_path"]:
+            self.item_image_files = [None] + _image_files(self.config["image_path"], domains, self._domain_raw)
         self._feature_rows: dict[str, np.ndarray] = {}
         for key, (name, size_key) in MODALITY_KEYS.items():
             suffix = self.config[key]
@@ -268,6 +286,24 @@ class MMSequentialDataset(SequentialDataset):
             miss = int((~self.feature_presence[name][1:]).sum())
             info.append(f"{name} features: {tuple(t.shape)} ({miss} items without this modality)")
         return "\n".join(info)
+
+
+def _image_files(folder: str, domains, domain_raw) -> list[str | None]:
+    """Image file of every item (``None`` when absent), in vocabulary order."""
+    from recbole_mm.pipeline.images import IMAGE_EXTS, _index_folder  # lazy: pipeline imports data
+
+    if not os.path.isdir(folder):
+        raise DataValidationError(f"{folder}: image folder not found (image_path)")
+    files = _index_folder(folder)
+    single = len(domains) == 1
+    out = [files.get(raw) or (files.get(str(i)) if single else None) for raws in domain_raw for i, raw in enumerate(raws)]
+    if not any(out):
+        example = domain_raw[0][0] if domain_raw and domain_raw[0] else "B00XYZ"
+        raise DataValidationError(
+            f"{folder}: no image for any of the {len(out):,} items (image_path: files must be named "
+            f"<raw item id><ext> or <item index><ext>, e.g. {example}.jpg or 0.jpg; extensions {', '.join(IMAGE_EXTS)})"
+        )
+    return out
 
 
 def _merged_item_domains(path: str, item_raw: list[str]) -> list[int]:

@@ -199,3 +199,74 @@ def read_features(path: str, raw_ids: list[str], dim: int | None) -> np.ndarray:
         r = int(np.argmin(finite))
         _fail(path, f"row {r}", f"item {raw_ids[r]!r} has NaN or Inf values")
     return arr.astype(np.float32, copy=False)
+
+
+def read_feature_table(path: str, raw_ids: list[str], dim: int, what: str = "features", chunk_rows: int = 65536):
+    """``.featNCLS`` read straight into a ``torch.float32 [n_items + 1, dim]`` table, row 0 zeros
+    (padding), row i + 1 = item index i: the layout of ``dataset.features``.
+
+    The same checks as :func:`read_features`, but the file is read once into the table and
+    checked for NaN/Inf in blocks of ``chunk_rows``, so a large catalogue needs one copy of its
+    features in memory (no numpy array next to the table).  ``what`` names the expected
+    feature size in the error (e.g. ``"plm_size"``).
+    """
+    import sys
+
+    import torch
+
+    n_items = len(raw_ids)
+    size = os.path.getsize(path)
+    if size == 0 or size % 4:
+        _fail(path, None, f"size {size} bytes is not a positive multiple of 4 (float32 rows expected)")
+    n_floats = size // 4
+    if n_floats % n_items == 0 and n_floats // n_items != dim:
+        _fail(path, None, f"has {n_items} rows of dim {n_floats // n_items}; expected dim {dim} ({what})")
+    if n_floats != n_items * dim:
+        _fail(path, None, f"has {n_floats} floats, expected {n_items} rows (one per item in .item2index) of dim {dim} ({what})")
+    table = torch.zeros(n_items + 1, dim, dtype=torch.float32)
+    body = table.numpy()[1:]
+    if sys.byteorder == "little":
+        with open(path, "rb") as f:
+            if f.readinto(memoryview(body).cast("B")) != size:
+                _fail(path, None, "could not be read completely")
+    else:  # pragma: no cover - big-endian hosts
+        body[:] = np.fromfile(path, dtype="<f4").reshape(n_items, dim)
+    for start in range(0, n_items, chunk_rows):
+        finite = torch.isfinite(table[1 + start : 1 + start + chunk_rows]).all(dim=1)
+        if not bool(finite.all()):
+            r = start + int(torch.nonzero(~finite)[0])
+            _fail(path, f"row {r}", f"item {raw_ids[r]!r} has NaN or Inf values")
+    return table
+
+
+def read_attributes(path: str, raw_ids: list[str]) -> tuple[list[str], list[dict[str, str] | None]]:
+    """``.attr``: optional per-item attributes (Recformer / Reo-LM item "sentences").
+
+    Header ``item_id:token<TAB><key>:token_seq<TAB>...`` (one column per attribute, in
+    sentence order, e.g. ``title``, ``brand``, ``category``); rows keyed by raw item id, an
+    empty cell = attribute missing.  Returns ``(keys, rows)`` with ``rows`` aligned with
+    ``raw_ids``: a ``{key: value}`` dict of the non-empty cells, or ``None`` for an item the
+    file does not list (the model then falls back to the item's ``.text``).
+    """
+    header = _read_header(path)
+    if len(header) < 2 or header[0] != "item_id:token":
+        _fail(path, 1, f"header must be 'item_id:token<TAB><key>:token_seq...', got {'<TAB>'.join(header)!r}")
+    keys = []
+    for col in header[1:]:
+        key = col.split(":", 1)[0].strip()
+        if not key or key in keys:
+            _fail(path, 1, f"attribute column {col!r} is empty or repeated")
+        keys.append(key)
+    wanted = {raw: i for i, raw in enumerate(raw_ids)}
+    rows: list[dict[str, str] | None] = [None] * len(raw_ids)
+    with open(path, encoding="utf-8") as f:
+        next(f)
+        for lineno, line in enumerate(f, 2):
+            cells = line.rstrip("\n").rstrip("\r").split("\t")
+            if len(cells) != len(header):
+                _fail(path, lineno, f"expected {len(header)} tab-separated columns, got {len(cells)}")
+            i = wanted.get(cells[0])
+            if i is None:
+                _fail(path, lineno, f"item {cells[0]!r} is not in .item2index")
+            rows[i] = {k: v.strip() for k, v in zip(keys, cells[1:]) if v.strip()}
+    return keys, rows

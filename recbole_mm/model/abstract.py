@@ -18,12 +18,16 @@ class MMSequentialRecommender(SequentialRecommender):
     * ``compute_item_table()`` returns the representation of every item; inside
       ``with model.item_table_cache():`` (what the trainer does around each evaluation) it is
       computed once and reused by every batch.
+    * ``gather_negatives`` (config, default True): in distributed training, in-batch
+      contrastive losses gather their keys from every rank (``distributed.gather_in_batch``).
     """
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         self._item_table = None
         self._item_cache_on = False
+        # distributed: in-batch contrastive negatives from every rank (distributed.gather_in_batch)
+        self.gather_negatives = config["gather_negatives"] is not False
 
     def register_features(self, dataset, names):
         for name in names:

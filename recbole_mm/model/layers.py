@@ -11,7 +11,9 @@
   positions ``0..len-1`` only, so dropping the padding tokens is exact.
 * :func:`info_nce`: in-batch contrastive loss with same-target masking (``-inf``: a masked
   pair leaves the softmax; ``"zero"`` reproduces UniSRec's reference, where the masked logit
-  is set to 0 and still adds ``exp(0)`` to the denominator).
+  is set to 0 and still adds ``exp(0)`` to the denominator).  In distributed training the
+  keys are the whole global batch (``recbole_mm.distributed.gather_in_batch``) and a rank's
+  queries are rows ``offset ...`` of it.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class MoEAdaptor(nn.Module):
     each expert with its own dropout mask, as in UniSRec.
     """
 
+    EVAL_CHUNK_ROWS = 65536  # rows adapted at once outside training dropout
+
     def __init__(self, n_exps: int, layers: list[int], dropout: float = 0.0, noise: bool = True):
         super().__init__()
         if len(layers) != 2:
@@ -74,10 +78,16 @@ class MoEAdaptor(nn.Module):
             )  # [E, N, out]
             out = torch.einsum("eno,ne->no", out, gates)
         else:
-            # W_k (x - b_k) = x W_k^T - W_k b_k: one matmul for all experts
-            out = (x @ weight.reshape(-1, shape[-1]).T).view(x.size(0), self.n_exps, -1)  # [N, E, out]
-            out = out - torch.einsum("eoi,ei->eo", weight, bias).unsqueeze(0)
-            out = torch.einsum("neo,ne->no", out, gates)
+            # W_k (x - b_k) = x W_k^T - W_k b_k: one matmul for all experts, in row chunks so
+            # that the [rows, E, out] temporary stays bounded for a 1M-item table
+            w_all = weight.reshape(-1, shape[-1]).T  # [in, E*out]
+            shift = torch.einsum("eoi,ei->eo", weight, bias).unsqueeze(0)  # [1, E, out]
+            parts = []
+            for s in range(0, x.size(0), self.EVAL_CHUNK_ROWS):
+                xs = x[s : s + self.EVAL_CHUNK_ROWS]
+                o = (xs @ w_all).view(xs.size(0), self.n_exps, -1) - shift  # [n, E, out]
+                parts.append(torch.einsum("neo,ne->no", o, gates[s : s + self.EVAL_CHUNK_ROWS]))
+            out = parts[0] if len(parts) == 1 else torch.cat(parts)
         return out.reshape(*shape[:-1], -1)
 
 
@@ -202,10 +212,13 @@ def info_nce(
     temperature: float,
     same_target: torch.Tensor | None = None,
     mask_mode: str = "inf",
+    offset: int = 0,
 ) -> torch.Tensor:
-    """Mean in-batch InfoNCE of ``query[i]`` against ``keys[i]`` (positive) and ``keys[j]``.
+    """Mean in-batch InfoNCE of ``query[i]`` against ``keys[offset + i]`` (positive) and the
+    other keys (``keys`` may hold more rows than ``query``: the global batch gathered from
+    every rank, this rank's rows starting at ``offset``).
 
-    Both inputs are L2-normalised here.  ``same_target[i, j]`` (``i != j``) marks pairs that
+    Both inputs are L2-normalised here.  ``same_target[i, j]`` (``j != offset + i``) marks pairs that
     are not negatives (same next item).  ``mask_mode="inf"`` removes them from the softmax;
     ``"zero"`` sets their logit to 0 as UniSRec's reference does (they then still count
     ``exp(0) = 1`` in the denominator).
@@ -219,14 +232,20 @@ def info_nce(
             logits = logits.masked_fill(same_target, 0.0)
         else:
             raise ValueError(f"contrastive mask mode must be 'inf' or 'zero', got {mask_mode!r}")
-    target = torch.arange(query.size(0), device=query.device)
+    target = torch.arange(query.size(0), device=query.device) + offset
     return F.cross_entropy(logits, target)
 
 
-def same_target_mask(targets: torch.Tensor) -> torch.Tensor:
-    """``[B, B]``: True where ``targets[i] == targets[j]`` and ``i != j``."""
-    same = targets.unsqueeze(1) == targets.unsqueeze(0)
-    return same & ~torch.eye(targets.numel(), dtype=torch.bool, device=targets.device)
+def same_target_mask(targets: torch.Tensor, all_targets: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
+    """``[B, B]``: True where ``targets[i] == targets[j]`` and ``i != j``.  With
+    ``all_targets`` (the global batch's, this rank's at ``offset ...``): ``[B, N]``, True where
+    ``targets[i] == all_targets[j]`` and ``j != offset + i``."""
+    if all_targets is None:
+        all_targets = targets
+    same = targets.unsqueeze(1) == all_targets.unsqueeze(0)
+    own = torch.arange(targets.numel(), device=targets.device)
+    same[own, own + offset] = False
+    return same
 
 
 # --------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recbole_mm.distributed import gather_in_batch
 from recbole_mm.model.abstract import MMSequentialRecommender
 from recbole_mm.model.layers import Packing, info_nce, minibatch_kmeans, packed_attention, same_target_mask
 
@@ -337,8 +338,7 @@ class MISSRec(MMSequentialRecommender):
             lg = torch.stack(logits)  # [M, B, N]
             pr = torch.stack(present).unsqueeze(1) if items is None else torch.stack(present)
             w = self.fusion_factor if self.item_fusion == "dynamic_shared" else lg.new_zeros(())
-            att = (w * lg).masked_fill(~pr, float("-inf"))
-            att = torch.softmax(att, dim=0).nan_to_num(0.0)  # an item with no modality: 0
+            att = _presence_softmax(w * lg, pr)
             agg = (lg * att).sum(0)
         if self.item_embedding is not None:
             agg = (cos(table["id"]) + 2.0 * agg) / 3.0
@@ -373,28 +373,35 @@ class MISSRec(MMSequentialRecommender):
         pos_items = interaction[self.POS_ITEM_ID]
         table = self.compute_item_table()
         seq, reg = self.encode(item_seq, item_seq_len, table)
-        same = same_target_mask(pos_items) if self.contrastive_mask == "inf" else None
-        # sequence-item: fused score of every sequence with every in-batch target
         target_table = {m: t[pos_items] for m, t in table.items()}
-        logits = self._pair_logits(seq, target_table, pos_items)
-        if same is not None:
-            logits = logits.masked_fill(same, float("-inf"))
-        loss_si = F.cross_entropy(logits, torch.arange(seq.size(0), device=seq.device))
         # sequence-sequence: a second view (item drop, or word/feature drop of the texts)
         aug_seq, aug_len, aug_text = self.augment(item_seq, item_seq_len)
         aug, aug_reg = self.encode(aug_seq, aug_len, table, aug_text)
-        loss_ss = info_nce(seq, aug, self.temperature, same, "inf" if same is not None else "zero")
-        return loss_si + self.lam * loss_ss + self.gamma * (reg + aug_reg)
+        # negatives: the whole (global) batch; distributed, every rank's keys are gathered
+        keys, batch = gather_in_batch(*target_table.values(), aug, pos_items, enabled=self.gather_negatives)
+        *target_keys, aug_keys, targets = keys
+        target_table = dict(zip(target_table, target_keys))
+        same = same_target_mask(pos_items, targets, batch.offset) if self.contrastive_mask == "inf" else None
+        # sequence-item: fused score of every sequence with every in-batch target
+        logits = self._pair_logits(seq, target_table, targets)
+        if same is not None:
+            logits = logits.masked_fill(same, float("-inf"))
+        loss_si = F.cross_entropy(logits, torch.arange(seq.size(0), device=seq.device) + batch.offset)
+        loss_ss = info_nce(seq, aug_keys, self.temperature, same, "inf" if same is not None else "zero", batch.offset)
+        # the regulariser sums over sequences: x total/local keeps the global batch's sum once
+        # the trainer weighs this rank's loss as local/total of the global batch's mean
+        return loss_si + self.lam * loss_ss + self.gamma * (reg + aug_reg) * (batch.total / batch.local)
 
     def _pair_logits(self, seq, target_table, targets):
-        """``[B, B]`` fused logits of every sequence against every in-batch target item."""
+        """``[B, N]`` fused logits of every sequence against every in-batch target item (``N``:
+        the global batch's targets, gathered from every rank when distributed)."""
         logits = [seq @ F.normalize(target_table[m], dim=-1).T for m in self.modalities]
         if len(logits) == 1:
             agg = logits[0]
         else:
             lg = torch.stack(logits)
             pr = torch.stack([self._presence(m)[targets] for m in self.modalities]).unsqueeze(1)
-            att = torch.softmax((self.fusion_factor * lg).masked_fill(~pr, float("-inf")), 0).nan_to_num(0.0)
+            att = _presence_softmax(self.fusion_factor * lg, pr)
             agg = (lg * att).sum(0)
         return agg / self.temperature
 
@@ -418,3 +425,13 @@ class MISSRec(MMSequentialRecommender):
         else:
             other = F.dropout(feats, self.feature_drop_ratio, True)
         return item_seq, item_seq_len, torch.where(drop.unsqueeze(-1), other, feats)
+
+
+def _presence_softmax(logits: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Softmax over the modality axis (0) restricted to the present modalities; all zeros
+    for an item with none (the padding item).  No NaN in the forward or the backward pass
+    (a softmax over all ``-inf`` would give NaN, which anomaly detection rightly flags)."""
+    present = present.expand_as(logits)
+    some = present.any(0, keepdim=True)
+    x = logits.masked_fill(~present, float("-inf")).masked_fill(~some, 0.0)
+    return torch.softmax(x, dim=0) * present

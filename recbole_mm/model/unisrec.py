@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from recbole.model.layers import TransformerEncoder
 from torch import nn
 
+from recbole_mm.distributed import gather_in_batch
 from recbole_mm.model.abstract import MMSequentialRecommender
 from recbole_mm.model.layers import MoEAdaptor, Packing, info_nce, packed_encoder, same_target_mask
 
@@ -196,14 +197,14 @@ class UniSRec(MMSequentialRecommender):
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         pos_items = interaction[self.POS_ITEM_ID]
         seq_output = self.encode(item_seq, item_seq_len)
-        same = same_target_mask(pos_items)
-
         pos_emb = self.moe_adaptor(self.text_features.index_select(0, pos_items))
-        loss_si = info_nce(seq_output, pos_emb, self.temperature, same, self.contrastive_mask)
-
         aug_seq, aug_len, replace = self.augment(item_seq, item_seq_len)
         aug_output = self.encode(aug_seq, aug_len, replace=replace)
-        loss_ss = info_nce(seq_output, aug_output, self.temperature, same, self.contrastive_mask)
+        # negatives: the whole (global) batch; distributed, every rank's keys are gathered
+        (pos_keys, aug_keys, targets), batch = gather_in_batch(pos_emb, aug_output, pos_items, enabled=self.gather_negatives)
+        same = same_target_mask(pos_items, targets, batch.offset)
+        loss_si = info_nce(seq_output, pos_keys, self.temperature, same, self.contrastive_mask, batch.offset)
+        loss_ss = info_nce(seq_output, aug_keys, self.temperature, same, self.contrastive_mask, batch.offset)
         return loss_si + self.lam * loss_ss
 
     def augment(self, item_seq, item_seq_len):

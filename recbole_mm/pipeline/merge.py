@@ -8,6 +8,7 @@
 * ``.{train,valid,test}.inter``: every domain's rows with its tokens shifted to the merged
   indices;
 * ``.text`` keyed by the prefixed raw ids;
+* ``.attr`` (item attributes, when a domain has one) keyed by the prefixed raw ids;
 * every feature file ``.featNCLS`` that all domains have (same suffix, same dimension),
   stacked in the merged item order, so row i is still item index i;
 * ``.pt_datasets``: one line, the domain names in order (the loader derives each item's
@@ -26,7 +27,7 @@ import json
 import os
 import re
 
-from recbole_mm.data.readers import read_index_file, read_text, require_file
+from recbole_mm.data.readers import read_attributes, read_index_file, read_text, require_file
 from recbole_mm.pipeline.common import PipelineError, dataset_file, dataset_name, staged_folder
 
 INTER_HEADER = "user_id:token\titem_id_list:token_seq\titem_id:token"
@@ -67,6 +68,27 @@ def _shift_inter(src: str, dst, user_off: int, item_off: int, n_users: int, n_it
             dst.write(f"{user + user_off}\t{' '.join(str(t + item_off) for t in seq)}\t{target + item_off}\n")
             rows += 1
     return rows
+
+
+def _merge_attributes(domains, names, items, out_path, log) -> None:
+    """``.attr`` files (Recformer / Reo-LM item attributes) -> one, raw ids prefixed, columns
+    the union of the domains' in order of appearance (empty cells where a domain lacks one)."""
+    has = [os.path.isfile(dataset_file(d, "attr")) for d in domains]
+    if not any(has):
+        return
+    if not all(has):
+        log("warning: .attr not in every domain; items of the others fall back to their .text")
+    per, keys = [], []
+    for d, it, h in zip(domains, items, has):
+        k, rows = read_attributes(dataset_file(d, "attr"), it) if h else ([], [None] * len(it))
+        keys += [x for x in k if x not in keys]
+        per.append(rows)
+    with open(out_path, "w", encoding="utf-8") as f:
+        f.write("item_id:token" + "".join(f"\t{k}:token_seq" for k in keys) + "\n")
+        for n, it, rows in zip(names, items, per):
+            for raw, row in zip(it, rows):
+                if row is not None:
+                    f.write(f"{n}:{raw}" + "".join(f"\t{row.get(k, '')}" for k in keys) + "\n")
 
 
 def merge(output: str, domains: list[str], overwrite: bool = False, log=print) -> dict:
@@ -131,6 +153,7 @@ def merge(output: str, domains: list[str], overwrite: bool = False, log=print) -
                         f.write(f"{n}:{raw}\t{t}\n")
         elif any(has_text):
             log("warning: .text not in every domain; the merged set has no .text")
+        _merge_attributes(domains, names, items, path("attr"), log)
         totals = dict.fromkeys(SPLITS, 0)
         for split in SPLITS:
             with open(path(f"{split}.inter"), "w", encoding="utf-8") as f:

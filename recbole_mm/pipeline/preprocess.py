@@ -27,10 +27,12 @@ Processing (the UniSRec/MISSRec reference pipeline, made deterministic)
    every list is cut to its last ``--max-len`` (50) items.
 6. ``.text`` = title + categories + brand/store, each cleaned (HTML unescaped and
    stripped, quotes and line breaks removed, whitespace collapsed, trailing dots collapsed
-   to one ``.``, a field of ``--max-field-chars`` or more dropped), joined by spaces.
+   to one ``.``, a field of ``--max-field-chars`` or more dropped), joined by spaces;
+   ``.attr`` = the same three cleaned fields in separate columns (``title``, ``brand``,
+   ``category``; no trailing dot): the key-value item sentences of Recformer / Reo-LM.
 
 Output: ``OUT_DIR/<name>/<name>.{train,valid,test}.inter``, ``.item2index``,
-``.user2index``, ``.text``, ``.imageurl`` (when the metadata has image URLs) and
+``.user2index``, ``.text``, ``.attr``, ``.imageurl`` (when the metadata has image URLs) and
 ``.stats.json``; the folder appears only when everything has been written.
 """
 
@@ -53,6 +55,7 @@ from recbole_mm.pipeline.common import PipelineError, progress, staged_folder
 INTER_HEADER = "user_id:token\titem_id_list:token_seq\titem_id:token\n"
 TEXT_HEADER = "item_id:token\ttext:token_seq\n"
 URL_HEADER = "item_id:token\turl:token\n"
+ATTR_HEADER = "item_id:token\ttitle:token_seq\tbrand:token_seq\tcategory:token_seq\n"
 
 
 @dataclass(frozen=True)
@@ -191,9 +194,14 @@ def clean_text(value, max_chars: int = 2000) -> str:
     return "" if len(text) >= max_chars else text
 
 
-def item_text(rec: dict, fmt: RawFormat, max_chars: int) -> str:
+def item_fields(rec: dict, fmt: RawFormat, max_chars: int) -> tuple[str, str, str]:
+    """Cleaned ``(title, categories, brand)`` of a metadata record ('' when absent)."""
     fields = (_first(rec, fmt.title), _first(rec, fmt.categories), _first(rec, fmt.brand))
-    return " ".join(t for t in (clean_text(f, max_chars) for f in fields) if t)
+    return tuple(clean_text(f, max_chars) for f in fields)
+
+
+def item_text(rec: dict, fmt: RawFormat, max_chars: int) -> str:
+    return " ".join(t for t in item_fields(rec, fmt, max_chars) if t)
 
 
 def image_url(rec: dict) -> str | None:
@@ -256,8 +264,9 @@ def read_reviews(path: str, fmt: RawFormat, bad: BadLines) -> Interactions:
     return inter
 
 
-def read_meta(path: str, fmt: RawFormat, wanted: dict[str, int], bad: BadLines, max_chars: int):
-    """Texts and image URLs of the reviewed items (only those are kept in memory)."""
+def read_meta(path: str, fmt: RawFormat, wanted: dict[str, int], bad: BadLines, max_chars: int, attrs=None):
+    """Texts and image URLs of the reviewed items (only those are kept in memory); ``attrs``
+    (a dict), when given, receives each kept item's cleaned ``(title, brand, category)``."""
     texts: dict[int, str] = {}
     urls: dict[int, str] = {}
     no_text = 0
@@ -269,11 +278,14 @@ def read_meta(path: str, fmt: RawFormat, wanted: dict[str, int], bad: BadLines, 
         code = wanted.get(str(key))
         if code is None or code in texts:
             continue  # not reviewed, or a duplicate record (the first one wins)
-        text = item_text(rec, fmt, max_chars)
+        title, categories, brand = item_fields(rec, fmt, max_chars)
+        text = " ".join(t for t in (title, categories, brand) if t)
         if not text:
             no_text += 1
             continue
         texts[code] = text
+        if attrs is not None:
+            attrs[code] = tuple(v[:-1] if v.endswith(".") else v for v in (title, brand, categories))
         url = image_url(rec)
         if url:
             urls[code] = url
@@ -349,7 +361,8 @@ def build_sequences(inter: Interactions, texts: dict, kcore_k: int, dedup: str, 
     return users, seqs
 
 
-def write_dataset(folder: str, name: str, inter: Interactions, users, seqs, texts, urls, max_len: int, stats: dict):
+def write_dataset(folder: str, name: str, inter: Interactions, users, seqs, texts, urls, max_len: int, stats: dict,
+                  attrs: dict | None = None):
     by_raw = sorted(range(len(users)), key=lambda k: inter.users[users[k]])
     item_index: dict[int, int] = {}
     for k in by_raw:
@@ -371,6 +384,11 @@ def write_dataset(folder: str, name: str, inter: Interactions, users, seqs, text
         f.write(TEXT_HEADER)
         for code in item_codes:
             f.write(f"{inter.items[code]}\t{texts[code]}\n")
+    if attrs:
+        with open(path("attr"), "w", encoding="utf-8") as f:
+            f.write(ATTR_HEADER)
+            for code in item_codes:
+                f.write(inter.items[code] + "".join(f"\t{v}" for v in attrs[code]) + "\n")
     n_url = sum(code in urls for code in item_codes)
     if n_url:
         with open(path("imageurl"), "w", encoding="utf-8") as f:
@@ -444,7 +462,8 @@ def preprocess(
         raise PipelineError(f"{reviews_path}: no valid review lines")
     wanted = {raw: code for code, raw in enumerate(inter.items)}
     bad_m = BadLines(meta_path, max_bad_lines)
-    texts, urls, no_text = read_meta(meta_path, rf, wanted, bad_m, max_field_chars)
+    attrs: dict[int, tuple[str, str, str]] = {}
+    texts, urls, no_text = read_meta(meta_path, rf, wanted, bad_m, max_field_chars, attrs)
     del wanted
     stats["malformed_lines"] = {"reviews": bad_r.count, "meta": bad_m.count}
     stats["meta_records_without_text"] = no_text
@@ -453,7 +472,7 @@ def preprocess(
             log(f"warning: {b.report()}")
     users, seqs = build_sequences(inter, texts, kcore_k, dedup, stats)
     with staged_folder(final, overwrite=overwrite) as tmp:
-        write_dataset(tmp, name, inter, users, seqs, texts, urls, max_len, stats)
+        write_dataset(tmp, name, inter, users, seqs, texts, urls, max_len, stats, attrs)
     log(f"{name}: {_fmt(stats['users'])} users, {_fmt(stats['items'])} items, {_fmt(stats['inters'])} inters, "
         f"avg length {stats['avg_len']:.2f} -> {os.path.abspath(final)}")
     return stats

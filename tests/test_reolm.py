@@ -1,0 +1,238 @@
+"""Reo-LM (ROMA): image soft-token and placeholder, Mixture-of-LoRA adapters (token gates,
+domain routing), losses, transfer freezing by name, checkpoints; (integration) the real
+all-MiniLM-L6-v2 on Scientific_mm."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import quick
+from fixtures import make_tiny_bert
+
+from recbole_mm.model.recformer import IMAGE_TYPE
+from recbole_mm.model.reolm import MoLoRA, ReoLM
+from recbole_mm.quick_start import build_config, run
+from recbole_mm.trainer import MMTrainer, load_checkpoint
+
+# fixture: items 3 and 7 (ids 4 and 8) of Tiny have no image
+NO_IMAGE, WITH_IMAGE = 4, 1
+
+
+
+def q(root, bb, **extra):
+    """Fast-run overrides with the tiny backbone, in fp32 (exact comparisons)."""
+    return quick(root, **{"backbone_path": bb, "plm_precision": "fp32", **extra})
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    return make_tiny_bert(tmp_path_factory.mktemp("bert"), layers=4)
+
+
+def _model(root, bb, dataset="Tiny", stage="inductive_ft", **extra):
+    from recbole_mm.data import create_dataset
+
+    cfg = build_config("ReoLM", dataset, stage="pretrain" if stage == "pretrain" else "finetune",
+                       config_dict=q(root, bb, train_stage=stage, **extra))
+    ds = create_dataset(cfg)
+    torch.manual_seed(0)
+    return ReoLM(cfg, ds), cfg, ds
+
+
+def _randomise_adapters(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for a in model.adapters:
+            a.up.copy_(torch.randn(a.up.shape, generator=g) * 0.5)
+            if a.gate is not None:
+                a.gate.weight.copy_(torch.randn(a.gate.weight.shape, generator=g))
+
+
+def test_image_soft_token_replaces_the_word_embedding(tiny_root, tiny_bert):
+    model, _, _ = _model(tiny_root, tiny_bert)
+    assert not bool(model.image_presence[NO_IMAGE]) and bool(model.image_presence[WITH_IMAGE])
+    tok = model.item_tokens(torch.tensor([WITH_IMAGE, NO_IMAGE]))
+    img = torch.nonzero(tok.types == IMAGE_TYPE).squeeze(1)
+    assert tok.positions[img].tolist() == [1, 1]  # right after <s>: first token of each item
+    assert tok.item_positions[img].tolist() == [1, 1]
+    w = model.embed_words(tok)
+    torch.testing.assert_close(w[img[0]], model.img_proj(model.image_features[WITH_IMAGE]))
+    torch.testing.assert_close(w[img[1]], model.void_img_emb)
+    text = tok.types != IMAGE_TYPE
+    torch.testing.assert_close(w[text], model.word_embeddings(tok.ids[text]))
+    # the image moves the item's vector; an item without image ignores its (zero) feature row
+    model.eval()
+    with torch.no_grad():
+        before, _ = model.encode_tokens(tok)
+        model.image_features[WITH_IMAGE] += 1.0
+        after, _ = model.encode_tokens(tok)
+    assert not torch.allclose(before[0], after[0]) and torch.equal(before[1], after[1])
+
+
+def test_placeholder_and_projection_get_gradients(tiny_root, tiny_bert):
+    model, _, _ = _model(tiny_root, tiny_bert)
+    model.train()
+    cls, _ = model.encode_tokens(model.item_tokens(torch.tensor([WITH_IMAGE, NO_IMAGE])))
+    cls.pow(2).sum().backward()
+    assert model.void_img_emb.grad.abs().sum() > 0
+    assert model.img_proj[0].weight.grad.abs().sum() > 0
+
+
+def test_molora_gate_top_k_and_routing():
+    torch.manual_seed(0)
+    m = MoLoRA(6, 3, 4, scaling=2.0, gated=True, top_k=2)
+    with torch.no_grad():
+        m.up.normal_()
+    x = torch.randn(5, 6)
+    logits = m.gate(x)
+    top = logits.topk(2, dim=-1).indices
+    g = torch.zeros(5, 4).scatter(1, top, torch.softmax(logits.gather(1, top), dim=-1))
+    expected = sum(g[:, e : e + 1] * 2.0 * (x @ m.down[e] @ m.up[e]) for e in range(4))
+    torch.testing.assert_close(m(x), expected, atol=1e-5, rtol=1e-5)
+    routed = MoLoRA(6, 3, 4, scaling=1.0, gated=False)
+    with torch.no_grad():
+        routed.up.normal_()
+    route = torch.tensor([0, 3, 1, 1, 2])
+    expected = torch.stack([x[t] @ routed.down[r] @ routed.up[r] for t, r in enumerate(route.tolist())])
+    torch.testing.assert_close(routed(x, route), expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(MoLoRA(6, 3, 4, 1.0, gated=True)(x), torch.zeros(5, 6))  # up starts at zero
+
+
+def test_untrained_adapters_leave_the_backbone_unchanged(tiny_root, tiny_bert):
+    model, _, _ = _model(tiny_root, tiny_bert)
+    model.eval()
+    tok = model.item_tokens(torch.tensor([1, 2, 3]))
+    with torch.no_grad():
+        with_adapters, _ = model.encode_tokens(tok)
+        plain = model.ffn_adapter
+        model.ffn_adapter = lambda *a: None
+        without, _ = model.encode_tokens(tok)
+        model.ffn_adapter = plain
+        _randomise_adapters(model)
+        trained, _ = model.encode_tokens(tok)
+    torch.testing.assert_close(with_adapters, without)
+    assert not torch.allclose(trained, without)
+
+
+def test_domain_routing_in_pretraining_gate_in_finetuning(tiny_root, tiny_bert):
+    model, _, ds = _model(tiny_root, tiny_bert, dataset="Tiny,Tiny2", stage="pretrain")
+    n_bottom = len(model.layers) // 2
+    assert model.mlm_layer == n_bottom - 1
+    assert all(a.gate is not None for a in model.adapters[:n_bottom])
+    assert all(a.gate is None for a in model.adapters[n_bottom:])
+    _randomise_adapters(model)
+    model.eval()
+    dom = ds.item_domain
+    a, b = int(torch.nonzero(dom == 0)[1]), int(torch.nonzero(dom == 1)[0])  # an item of each domain
+    tok = model.item_tokens(torch.tensor([a, b]))
+    with torch.no_grad():
+        base, _ = model.encode_tokens(tok)
+        for layer in model.adapters[n_bottom:]:
+            layer.up[1] += torch.randn_like(layer.up[1])  # domain 1's adapter only
+        moved, _ = model.encode_tokens(tok)
+    assert torch.equal(base[0], moved[0])  # domain 0 does not use adapter 1
+    assert not torch.allclose(base[1], moved[1])
+    # fine-tuning: a learned gate mixes every domain adapter (zero gate: their mean at first)
+    ft, _, _ = _model(tiny_root, tiny_bert)
+    assert all(a.gate is not None for a in ft.adapters)
+    assert all(float(a.gate.weight.abs().sum()) == 0 for a in ft.adapters[n_bottom:])
+
+
+def test_losses_finite_with_mlm_at_the_middle_layer(tiny_root, tiny_bert):
+    from recbole_mm.data import data_preparation
+
+    for stage, dataset in (("inductive_ft", "Tiny"), ("pretrain", "Tiny,Tiny2")):
+        model, cfg, ds = _model(tiny_root, tiny_bert, dataset=dataset, stage=stage,
+                                **({"benchmark_filename": ["train"]} if stage == "pretrain" else {}))
+        train = data_preparation(cfg, ds)[0]
+        batch = next(iter(train))
+        model.train()
+        loss = model.calculate_loss(batch)
+        loss.backward()
+        assert math.isfinite(loss.item()), stage
+        params = dict(model.named_parameters())
+        assert params["mlm_head.transform.weight"].grad.abs().sum() > 0, stage
+        assert params["adapters.0.up"].grad.abs().sum() > 0, stage
+        assert params[f"adapters.{len(model.layers) - 1}.up"].grad.abs().sum() > 0, stage
+        assert params["img_proj.2.weight"].grad.abs().sum() > 0, stage
+
+
+def _expected_trainable(n_layers):
+    names = []
+    for i in range(n_layers):
+        names += [f"adapters.{i}.down", f"adapters.{i}.up", f"adapters.{i}.gate.weight"]
+    return sorted(names + ["img_proj.0.weight", "img_proj.0.bias", "img_proj.2.weight", "img_proj.2.bias", "void_img_emb"])
+
+
+def test_pretrain_two_domains_then_transfer_trains_only_adapters(tiny_root, tiny_bert, workdir):
+    from recbole_mm.data import create_dataset, data_preparation
+
+    pre = run("ReoLM", "Tiny,Tiny2", "pretrain", overrides=q(tiny_root, tiny_bert, epochs=1,
+                                                                 run_name="pt", train_batch_size=32))
+    sd = load_checkpoint(pre["checkpoint"])["state_dict"]
+    assert "adapters.3.up" in sd and "adapters.3.gate.weight" not in sd  # top half: domain-routed
+    cfg = build_config("ReoLM", "Tiny", config_dict=q(tiny_root, tiny_bert))
+    ds = create_dataset(cfg)
+    model = ReoLM(cfg, ds)
+    model.load_pretrained(sd)
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == _expected_trainable(4)
+    torch.testing.assert_close(model.adapters[3].up, sd["adapters.3.up"])
+
+    ft = run("ReoLM", "Tiny", pretrained=pre["checkpoint"],
+             overrides=q(tiny_root, tiny_bert, epochs=2, run_name="ft"))
+    assert ft["params"]["trainable"] == sum(p.numel() for n, p in model.named_parameters() if n in trainable)
+    ckpt = load_checkpoint(ft["checkpoint"])
+    # frozen weights are the pre-trained ones; the checkpoint reloads to identical scores
+    torch.testing.assert_close(ckpt["state_dict"]["layers.0.output.dense.weight"], sd["layers.0.output.dense.weight"])
+    _, _, test = data_preparation(cfg, ds)
+    batch = next(iter(test))[0]
+    scores = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        m = ReoLM(cfg, ds)
+        m.load_state_dict(ckpt["state_dict"])
+        m.eval()
+        with torch.no_grad():
+            scores.append(m.full_sort_predict(batch))
+    assert torch.equal(scores[0], scores[1])
+    trainer = MMTrainer(cfg, m, ds, run_name="reload")
+    assert trainer.evaluate(test, load_best_model=True, model_file=ft["checkpoint"]) == ft["test"]
+    # fix_enc off: everything trains
+    free = ReoLM(build_config("ReoLM", "Tiny", config_dict=q(tiny_root, tiny_bert, fix_enc=False)), ds)
+    free.load_pretrained(sd)
+    assert all(p.requires_grad for p in free.parameters())
+
+
+@pytest.mark.integration
+def test_reolm_real_minilm_on_scientific(shared_data, workdir):
+    """The real all-MiniLM-L6-v2 with the CLIP image features of Scientific_mm: a few steps
+    lower the loss, full ranking runs."""
+    from recbole_mm.data import create_dataset, data_preparation
+
+    cfg = build_config("ReoLM", "Scientific_mm", config_dict={
+        "data_path": str(shared_data), "use_gpu": False, "plm_precision": "fp32", "show_progress": False, "state": "WARNING",
+        "train_batch_size": 8, "eval_batch_size": 16, "max_tokens": 64, "item_encode_batch_size": 512})
+    ds = create_dataset(cfg)
+    torch.manual_seed(0)
+    model = ReoLM(cfg, ds)
+    assert model.image_features.shape[1] == 512 and len(model.adapters) == 6
+    train, valid, _ = data_preparation(cfg, ds)
+    batch = next(iter(train))
+    model.on_epoch_start(0)
+    model.train()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    losses = []
+    for _ in range(4):
+        torch.manual_seed(0)  # the same MLM masks: the loss is comparable between steps
+        loss = model.calculate_loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
+    model.eval()
+    with torch.no_grad():
+        scores = model.full_sort_predict(next(iter(valid))[0])
+    assert scores.shape == (16, ds.item_num) and torch.isfinite(scores[:, 1:]).all()
