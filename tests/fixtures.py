@@ -112,3 +112,29 @@ def make_tiny_bert(folder, hidden=32, layers=2, heads=2, intermediate=64, max_po
     torch.manual_seed(seed)
     BertModel(cfg).save_pretrained(folder)
     return str(folder)
+
+
+def assert_reload_identical(model_cls, cfg, ds, test, res, checkpoint=None):
+    """A checkpoint loaded into two fresh models (other random weights before loading) gives
+    identical full-ranking scores, and our trainer's reload reproduces the run's test metrics.
+    Returns the reloaded model."""
+    import torch
+
+    from recbole_mm.trainer import MMTrainer
+    from recbole_mm.trainer.checkpoint import load_checkpoint
+
+    checkpoint = checkpoint or res["checkpoint"]
+    state = load_checkpoint(checkpoint)["state_dict"]
+    batch = next(iter(test))[0]
+    scores = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model = model_cls(cfg, ds)
+        model.load_state_dict(state)
+        model.eval()
+        with torch.no_grad():
+            scores.append(model.full_sort_predict(batch))
+    assert torch.equal(scores[0], scores[1])
+    trainer = MMTrainer(cfg, model, ds, run_name="reload")
+    assert trainer.evaluate(test, load_best_model=True, model_file=checkpoint) == res["test"]
+    return model

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import quick
-from fixtures import popularity_ndcg10
+from fixtures import assert_reload_identical, popularity_ndcg10
 
 from recbole_mm.data import create_dataset, data_preparation
 from recbole_mm.model.layers import minibatch_kmeans
@@ -153,25 +153,12 @@ def test_peft_trains_exactly_the_reference_parameter_set(tiny_root, workdir):
 
 def test_checkpoint_reloads_to_identical_scores(tiny_root, workdir):
     from recbole_mm.model.missrec import MISSRec
-    from recbole_mm.trainer import MMTrainer
 
     res = run("MISSRec", "Tiny", mode="transductive", overrides=quick(tiny_root, epochs=2, run_name="m"))
-    ckpt = load_checkpoint(res["checkpoint"])
     cfg = build_config("MISSRec", "Tiny", mode="transductive", config_dict=quick(tiny_root))
     ds = create_dataset(cfg)
     _, _, test = data_preparation(cfg, ds)
-    batch = next(iter(test))[0]
-    scores = []
-    for seed in (1, 2):
-        torch.manual_seed(seed)
-        model = MISSRec(cfg, ds)
-        model.load_state_dict(ckpt["state_dict"])
-        model.eval()
-        with torch.no_grad():
-            scores.append(model.full_sort_predict(batch))
-    assert torch.equal(scores[0], scores[1])
-    trainer = MMTrainer(cfg, model, ds, run_name="reload")
-    assert trainer.evaluate(test, load_best_model=True, model_file=res["checkpoint"]) == res["test"]
+    assert_reload_identical(MISSRec, cfg, ds, test, res)
 
 
 @pytest.mark.integration

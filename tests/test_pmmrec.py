@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import quick
-from fixtures import popularity_ndcg10
+from fixtures import assert_reload_identical, popularity_ndcg10
 
 from recbole_mm.data import create_dataset, data_preparation
 from recbole_mm.model.pmmrec import FUSIONS, PMMRec
@@ -300,27 +300,13 @@ def test_transfer_refuses_a_checkpoint_that_does_not_fit(tiny_root, pretrained):
 
 
 def test_checkpoint_reloads_to_identical_scores_and_table_is_cached(tiny_root, workdir, monkeypatch):
-    from recbole_mm.trainer import MMTrainer
-
     calls = []
     original = PMMRec.compute_item_table
     monkeypatch.setattr(PMMRec, "compute_item_table", lambda self: calls.append(1) or original(self))
     res = run("PMMRec", "Tiny", overrides=quick(tiny_root, epochs=1, eval_batch_size=16, run_name="p", **SMALL))
     assert len(calls) == 2  # valid + test, one table each although each has several batches
     cfg, ds, _, test = _setup(tiny_root)
-    ckpt = load_checkpoint(res["checkpoint"])
-    batch = next(iter(test))[0]
-    scores = []
-    for seed in (1, 2):
-        torch.manual_seed(seed)
-        model = PMMRec(cfg, ds)
-        model.load_state_dict(ckpt["state_dict"])
-        model.eval()
-        with torch.no_grad():
-            scores.append(model.full_sort_predict(batch))
-    assert torch.equal(scores[0], scores[1])
-    trainer = MMTrainer(cfg, model, ds, run_name="reload")
-    assert trainer.evaluate(test, load_best_model=True, model_file=res["checkpoint"]) == res["test"]
+    assert_reload_identical(PMMRec, cfg, ds, test, res)
 
 
 # -- end to end -------------------------------------------------------------------------------

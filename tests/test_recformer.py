@@ -9,11 +9,11 @@ import os
 import pytest
 import torch
 from conftest import quick
-from fixtures import make_dataset, make_tiny_bert
+from fixtures import assert_reload_identical, make_dataset, make_tiny_bert
 
 from recbole_mm.model.recformer import KEY_TYPE, VALUE_TYPE, Recformer, split_text
 from recbole_mm.quick_start import build_config, run
-from recbole_mm.trainer import MMTrainer, load_checkpoint
+from recbole_mm.trainer import load_checkpoint
 
 
 
@@ -230,18 +230,7 @@ def test_checkpoint_reload_identical_scores_and_stage2_from_it(tiny_root, tiny_b
     cfg = build_config("Recformer", "Tiny", config_dict=q(tiny_root, tiny_bert))
     ds = create_dataset(cfg)
     _, _, test = data_preparation(cfg, ds)
-    batch = next(iter(test))[0]
-    scores = []
-    for seed in (1, 2):
-        torch.manual_seed(seed)
-        model = Recformer(cfg, ds)
-        model.load_state_dict(ckpt["state_dict"])
-        model.eval()
-        with torch.no_grad():
-            scores.append(model.full_sort_predict(batch))
-    assert torch.equal(scores[0], scores[1])
-    trainer = MMTrainer(cfg, model, ds, run_name="reload")
-    assert trainer.evaluate(test, load_best_model=True, model_file=res["checkpoint"]) == res["test"]
+    assert_reload_identical(Recformer, cfg, ds, test, res)
     # the paper's stage 2: the best stage-1 checkpoint, its table frozen
     stage2 = Recformer(cfg, ds)
     stage2.load_pretrained(ckpt["state_dict"])

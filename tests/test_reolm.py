@@ -9,12 +9,12 @@ import math
 import pytest
 import torch
 from conftest import quick
-from fixtures import make_tiny_bert
+from fixtures import assert_reload_identical, make_tiny_bert
 
 from recbole_mm.model.recformer import IMAGE_TYPE
 from recbole_mm.model.reolm import MoLoRA, ReoLM
 from recbole_mm.quick_start import build_config, run
-from recbole_mm.trainer import MMTrainer, load_checkpoint
+from recbole_mm.trainer import load_checkpoint
 
 # fixture: items 3 and 7 (ids 4 and 8) of Tiny have no image
 NO_IMAGE, WITH_IMAGE = 4, 1
@@ -187,18 +187,7 @@ def test_pretrain_two_domains_then_transfer_trains_only_adapters(tiny_root, tiny
     # frozen weights are the pre-trained ones; the checkpoint reloads to identical scores
     torch.testing.assert_close(ckpt["state_dict"]["layers.0.output.dense.weight"], sd["layers.0.output.dense.weight"])
     _, _, test = data_preparation(cfg, ds)
-    batch = next(iter(test))[0]
-    scores = []
-    for seed in (1, 2):
-        torch.manual_seed(seed)
-        m = ReoLM(cfg, ds)
-        m.load_state_dict(ckpt["state_dict"])
-        m.eval()
-        with torch.no_grad():
-            scores.append(m.full_sort_predict(batch))
-    assert torch.equal(scores[0], scores[1])
-    trainer = MMTrainer(cfg, m, ds, run_name="reload")
-    assert trainer.evaluate(test, load_best_model=True, model_file=ft["checkpoint"]) == ft["test"]
+    assert_reload_identical(ReoLM, cfg, ds, test, ft)
     # fix_enc off: everything trains
     free = ReoLM(build_config("ReoLM", "Tiny", config_dict=q(tiny_root, tiny_bert, fix_enc=False)), ds)
     free.load_pretrained(sd)

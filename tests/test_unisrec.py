@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import quick
-from fixtures import popularity_ndcg10
+from fixtures import assert_reload_identical, popularity_ndcg10
 from recbole.model.layers import TransformerEncoder
 
 from recbole_mm.model.layers import MoEAdaptor, Packing, info_nce, packed_encoder, same_target_mask
@@ -240,25 +240,10 @@ def test_checkpoint_reloads_to_identical_scores(tiny_root, workdir):
     from recbole_mm.model.unisrec import UniSRec
 
     res = run("UniSRec", "Tiny", mode="inductive", overrides=quick(tiny_root, epochs=2, run_name="u"))
-    ckpt = load_checkpoint(res["checkpoint"])
     cfg = build_config("UniSRec", "Tiny", mode="inductive", config_dict=quick(tiny_root))
     ds = create_dataset(cfg)
     _, _, test = data_preparation(cfg, ds)
-    batch = next(iter(test))[0]
-    scores = []
-    for _ in range(2):
-        torch.manual_seed(123)  # a fresh model with other weights until loaded
-        model = UniSRec(cfg, ds)
-        model.load_state_dict(ckpt["state_dict"])
-        model.eval()
-        with torch.no_grad():
-            scores.append(model.full_sort_predict(batch))
-    assert torch.equal(scores[0], scores[1])
-    # and the reloaded model reproduces the run's own test metrics
-    from recbole_mm.trainer import MMTrainer
-
-    trainer = MMTrainer(cfg, model, ds, run_name="reload")
-    assert trainer.evaluate(test, load_best_model=True, model_file=res["checkpoint"]) == res["test"]
+    assert_reload_identical(UniSRec, cfg, ds, test, res)  # and it reproduces the run's test metrics
 
 
 @pytest.mark.integration

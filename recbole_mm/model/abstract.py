@@ -6,6 +6,7 @@ from contextlib import contextmanager
 from logging import getLogger
 
 import torch
+from torch import nn
 from recbole.model.abstract_recommender import SequentialRecommender
 
 
@@ -28,6 +29,16 @@ class MMSequentialRecommender(SequentialRecommender):
         self._item_cache_on = False
         # distributed: in-batch contrastive negatives from every rank (distributed.gather_in_batch)
         self.gather_negatives = config["gather_negatives"] is not False
+
+    def _init_weights(self, module):
+        """SASRec's / BERT's initialisation (``self.initializer_range``), for ``self.apply``."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.data.normal_(mean=0.0, std=self.initializer_range)
+        elif isinstance(module, nn.LayerNorm):
+            module.bias.data.zero_()
+            module.weight.data.fill_(1.0)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            module.bias.data.zero_()
 
     def register_features(self, dataset, names):
         for name in names:

@@ -126,15 +126,6 @@ class MISSRec(MMSequentialRecommender):
         self.register_buffer("interests_ready", torch.zeros((), dtype=torch.bool))
         self.last_clustering_seconds = None
 
-    def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            module.weight.data.normal_(mean=0.0, std=self.initializer_range)
-        elif isinstance(module, nn.LayerNorm):
-            module.bias.data.zero_()
-            module.weight.data.fill_(1.0)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            module.bias.data.zero_()
-
     # -- transfer ---------------------------------------------------------------------
     def frozen_on_transfer(self) -> list[str]:
         """Frozen with ``-p`` and ``fix_enc``: position embedding + encoder-decoder (the reference)."""

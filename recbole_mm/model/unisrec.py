@@ -88,15 +88,6 @@ class UniSRec(MMSequentialRecommender):
             config["n_exps"], [plm_size, self.hidden_size], config["adaptor_dropout_prob"]
         )
 
-    def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            module.weight.data.normal_(mean=0.0, std=self.initializer_range)
-        elif isinstance(module, nn.LayerNorm):
-            module.bias.data.zero_()
-            module.weight.data.fill_(1.0)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            module.bias.data.zero_()
-
     # -- transfer ---------------------------------------------------------------------
     def frozen_on_transfer(self) -> list[str]:
         """Parameters frozen when fine-tuning from a checkpoint with ``fix_enc`` (the reference's list)."""
