@@ -25,7 +25,7 @@ class MMSequentialRecommender(SequentialRecommender):
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
-        self._item_table = None
+        self._item_cache: dict = {}
         self._item_cache_on = False
         # distributed: in-batch contrastive negatives from every rank (distributed.gather_in_batch)
         self.gather_negatives = config["gather_negatives"] is not False
@@ -53,20 +53,26 @@ class MMSequentialRecommender(SequentialRecommender):
     def compute_item_table(self) -> torch.Tensor:
         raise NotImplementedError
 
-    def item_table(self) -> torch.Tensor:
+    def item_table(self):
+        return self.cached("item_table", self.compute_item_table)
+
+    def cached(self, key: str, compute):
+        """``compute()``, memoised under ``key`` inside ``item_table_cache()`` (one evaluation:
+        the item table and whatever a model derives from it, e.g. its normalised rows);
+        recomputed on every call outside it (training, where the weights change)."""
         if not self._item_cache_on:
-            return self.compute_item_table()
-        if self._item_table is None:
-            self._item_table = self.compute_item_table()
-        return self._item_table
+            return compute()
+        if key not in self._item_cache:
+            self._item_cache[key] = compute()
+        return self._item_cache[key]
 
     @contextmanager
     def item_table_cache(self):
-        self._item_cache_on, self._item_table = True, None
+        self._item_cache_on, self._item_cache = True, {}
         try:
             yield
         finally:
-            self._item_cache_on, self._item_table = False, None
+            self._item_cache_on, self._item_cache = False, {}
 
     def load_pretrained(self, state_dict: dict) -> None:
         """Load transferable weights from a pre-training checkpoint (missing keys stay fresh)."""

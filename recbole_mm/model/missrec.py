@@ -315,10 +315,12 @@ class MISSRec(MMSequentialRecommender):
             self.on_epoch_start(0)
 
     # -- scores -----------------------------------------------------------------------------
-    def fused_logits(self, seq, table, items=None):
-        """``[B, N]`` (or ``[B]`` for ``items`` ``[B]``) fused cosine scores / temperature."""
+    def fused_logits(self, seq, table, items=None, normalized=False):
+        """``[B, N]`` (or ``[B]`` for ``items`` ``[B]``) fused cosine scores / temperature
+        (``normalized``: the table's rows already have unit norm)."""
         def cos(vectors):
-            v = F.normalize(vectors if items is None else vectors[items], dim=-1)
+            v = vectors if items is None else vectors[items]
+            v = v if normalized else F.normalize(v, dim=-1)
             return seq @ v.T if items is None else (seq * v).sum(-1)
 
         logits = [cos(table[m]) for m in self.modalities]
@@ -350,7 +352,8 @@ class MISSRec(MMSequentialRecommender):
         self._ensure_interests()
         table = self.item_table()
         seq, _ = self.encode(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN], table)
-        return self.fused_logits(seq, table)
+        unit = self.cached("normalized_table", lambda: {m: F.normalize(t, dim=-1) for m, t in table.items()})
+        return self.fused_logits(seq, unit, normalized=True)
 
     def predict(self, interaction):
         self._ensure_interests()

@@ -171,9 +171,13 @@ class UniSRec(MMSequentialRecommender):
     def _scores(self, interaction):
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         table = self.item_table()
-        text_table = table - self.item_embedding.weight if self.item_embedding is not None else table
+        text_table = (
+            self.cached("text_table", lambda: table - self.item_embedding.weight)
+            if self.item_embedding is not None
+            else table
+        )
         seq_output = self.encode(item_seq, item_seq_len, text_table)
-        return F.normalize(seq_output, dim=-1), F.normalize(table, dim=-1)
+        return F.normalize(seq_output, dim=-1), self.cached("normalized_table", lambda: F.normalize(table, dim=-1))
 
     def full_sort_predict(self, interaction):
         seq, table = self._scores(interaction)
