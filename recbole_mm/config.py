@@ -4,7 +4,8 @@ Precedence, lowest first:
 
 1. RecBole's internal defaults (its ``overall.yaml``, its ``<Model>.yaml`` for RecBole models);
 2. ``props/overall.yaml``;
-3. ``props/pretrain.yaml`` or ``props/finetune.yaml`` (the run stage);
+3. ``props/pretrain.yaml`` or ``props/finetune.yaml`` (the run stage), then, for RecBole's own
+   models (SASRec & co.), ``props/recbole_models.yaml`` (what keeps them identical to plain RecBole);
 4. ``props/<Model>.yaml`` (if present), then ``props/<Model>.<stage>.yaml`` (if present:
    a model's stage-specific defaults, e.g. MISSRec's pre-training batch size);
 5. ``props/<dataset>.yaml`` (if present; for a pre-training run, each domain's, in order);
@@ -35,11 +36,12 @@ def props_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parent.parent / "props"
 
 
-def layered_prop_files(model_name: str, dataset: str, stage: str) -> list[str]:
+def layered_prop_files(model_name: str, dataset: str, stage: str, recbole_model: bool = False) -> list[str]:
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got '{stage}'")
     root = props_dir()
-    names = ["overall.yaml", f"{stage}.yaml", f"{model_name}.yaml", f"{model_name}.{stage}.yaml"]
+    names = ["overall.yaml", f"{stage}.yaml"] + (["recbole_models.yaml"] if recbole_model else [])
+    names += [f"{model_name}.yaml", f"{model_name}.{stage}.yaml"]
     names += [f"{d}.yaml" for d in split_domains(dataset)]
     return [str(root / n) for n in names if (root / n).is_file()]
 
@@ -78,7 +80,8 @@ class Config(RecBoleConfig):
             raise ValueError("a dataset name is required")
         self._stage = stage
         self._cmd_overrides = dict(cmd_overrides or {})
-        files = layered_prop_files(model_class.__name__, dataset, stage)
+        recbole_model = model_class.__module__.split(".")[0] == "recbole"
+        files = layered_prop_files(model_class.__name__, dataset, stage, recbole_model)
         for f in config_file_list or []:
             if not os.path.isfile(f):
                 raise FileNotFoundError(f"config file not found: {f}")

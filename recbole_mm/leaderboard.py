@@ -206,12 +206,31 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]+", "_", text).strip("_")
 
 
+def parse_model_overrides(items) -> dict[str, dict[str, str]]:
+    """``["Recformer:epochs=2", ...]`` -> ``{"Recformer": {"epochs": "2"}}`` (``--set``)."""
+    out: dict[str, dict[str, str]] = {}
+    for item in items or []:
+        model, sep, kv = str(item).partition(":")
+        key, eq, value = kv.partition("=")
+        if not sep or not eq or not model.strip() or not key.strip():
+            raise LeaderboardError(f"--set: expected MODEL:key=value (e.g. Recformer:epochs=2), got {item!r}")
+        out.setdefault(model.strip(), {})[key.strip().lstrip("-")] = value.strip()
+    return out
+
+
 def plan(dataset, models, modes=None, pretrained=None, seeds=3, lm_seeds=None, overrides=None,
-         config_files=None) -> tuple[list[Cell], list[str]]:
-    """The cells to run, in table order, and notes (modes a model does not support)."""
+         config_files=None, model_overrides=None) -> tuple[list[Cell], list[str]]:
+    """The cells to run, in table order, and notes (modes a model does not support).
+    ``model_overrides``: ``{model name: {key: value}}`` for that model's cells only."""
     from recbole_mm.quick_start import build_config
     from recbole_mm.utils import get_model
 
+    model_overrides = dict(model_overrides or {})
+    for name in model_overrides:
+        try:
+            get_model(name)
+        except Exception:
+            raise LeaderboardError(f"--set {name}:...: unknown model {name!r}") from None
     overrides = {k: str(v) for k, v in (overrides or {}).items()}
     overrides.setdefault("show_progress", "False")  # no progress bars in the cells' log files
     base = int(overrides.pop("seed", DEFAULT_SEED))
@@ -243,7 +262,8 @@ def plan(dataset, models, modes=None, pretrained=None, seeds=3, lm_seeds=None, o
         for mode in cell_modes:
             for seed in (lm_seed_list if lm else seed_list):
                 cell = Cell(cls.__name__, mode, ckpt, seed, lm=lm)
-                cell.overrides = dict(overrides, seed=str(seed))
+                own = {k: v for n, kv in model_overrides.items() if get_model(n) is cls for k, v in kv.items()}
+                cell.overrides = dict(overrides, **own, seed=str(seed))
                 try:
                     if ckpt and not os.path.isfile(ckpt):
                         raise FileNotFoundError(f"pre-trained checkpoint not found: {ckpt}")
@@ -777,7 +797,7 @@ def write_chart(dataset, rows, keys, path) -> bool:
 
 def leaderboard(dataset, models, modes=None, pretrained=None, seeds=3, lm_seeds=None, overrides=None,
                 config_files=None, out="results", resume=False, rerun=False, isolation="subprocess",
-                timeout=None, report_only=False, command=None, log=print) -> dict:
+                timeout=None, report_only=False, command=None, log=print, model_overrides=None) -> dict:
     """Run every missing cell and write the report; returns ``{"cells": [...], "paths": {...}}``."""
     if isolation not in ("subprocess", "fork"):
         raise LeaderboardError(f"isolation must be 'subprocess' or 'fork', got {isolation!r}")
@@ -786,7 +806,7 @@ def leaderboard(dataset, models, modes=None, pretrained=None, seeds=3, lm_seeds=
     for f in config_files or []:
         if not os.path.isfile(f):
             raise LeaderboardError(f"config file not found: {f}")
-    cells, notes = plan(dataset, models, modes, pretrained, seeds, lm_seeds, overrides, config_files)
+    cells, notes = plan(dataset, models, modes, pretrained, seeds, lm_seeds, overrides, config_files, model_overrides)
     seeds_desc = str(seeds)
     lm_desc = str(lm_seeds) if lm_seeds is not None else None
     todo = []
@@ -850,6 +870,8 @@ examples:
   # pre-trained rows next to the from-scratch ones, config overrides for every run
   recbole-mm leaderboard -d Scientific_mm -m SASRec,UniSRec --pretrained UniSRec=saved/UniSRec-pt.pth \\
       --data_path ../shared/data --epochs=50
+  # the language-model recommenders' small CPU run: 2 epochs, 1 seed
+  recbole-mm leaderboard -d Scientific_mm -m SASRec,Recformer --lm-seeds 1 --set Recformer:epochs=2 ...
   # after an interruption: finished cells are skipped, interrupted ones continue
   recbole-mm leaderboard ... --resume
   # only rewrite the report from the finished cells
@@ -879,6 +901,8 @@ def register(sub) -> None:
                    help="seeds per cell: a count (from --seed, default 2020) or a list (default: 3)")
     p.add_argument("--lm-seeds", "--lm_seeds", dest="lm_seeds", default=None, metavar="N|S1,...",
                    help=f"seeds for the language-model recommenders ({', '.join(LM_MODELS)}); default: --seeds")
+    p.add_argument("--set", action="append", default=[], metavar="MODEL:key=value", dest="model_set",
+                   help="a config override for one model's cells only (repeatable), e.g. Recformer:epochs=2")
     p.add_argument("--data_path", "--data-path", dest="data_path", default=None, metavar="DIR",
                    help="folder holding the dataset folder (a config override for every run)")
     p.add_argument("--config_files", nargs="+", default=None, metavar="YAML", help="extra YAML files for every run")
@@ -904,6 +928,7 @@ def main(args) -> int:
     try:
         res = leaderboard(args.dataset, args.models, modes=args.mode, pretrained=args.pretrained, seeds=args.seeds,
                           lm_seeds=args.lm_seeds, overrides=overrides, config_files=args.config_files, out=args.out,
+                          model_overrides=parse_model_overrides(args.model_set),
                           resume=args.resume, rerun=args.rerun, isolation=args.isolation, timeout=args.timeout,
                           report_only=args.report_only, command=command)
     except LeaderboardError as e:

@@ -159,7 +159,9 @@ class Catalogue:
 
     def __init__(self, raw_ids: list[str], domains: list[Domain] | None, suffixes: dict, sizes: dict, source: str,
                  domain_sizes: list[int] | None = None):
-        self.raw_ids = list(raw_ids)
+        self.raw_ids = list(raw_ids)  # internal-id order
+        self.index_raw_ids = self.raw_ids  # the files' order (domain by domain, index order)
+        self.order: torch.Tensor | None = None  # internal id - 1 -> position in the files' order
         self.domains = domains or []
         self.domain_sizes = domain_sizes or ([len(self.raw_ids)] if len(self.domains) == 1 else [])
         self.suffixes = {k: v for k, v in suffixes.items() if v}  # feature name -> file suffix
@@ -189,6 +191,34 @@ class Catalogue:
         folder = os.path.normpath(str(folder))
         return cls.from_domains([Domain(os.path.basename(folder), folder)], suffixes, sizes)
 
+    def reorder(self, tokens: list[str]) -> None:
+        """Put the items in the internal-id order of a trained dataset: ``tokens`` is its
+        ``field2id_token`` (the checkpoint's ``item_tokens``: ``[PAD]`` then ``"<prefix><index>"``
+        per internal id, see ``data/dataset.py``).  Raises ``ValueError`` when they are not a
+        permutation of this catalogue's items."""
+        pos, start = {}, 0
+        for d, n in zip(self.domains, self.domain_sizes):
+            pos.update({f"{d.prefix}{i}": start + i for i in range(n)})
+            start += n
+        order = [pos.get(str(t), -1) for t in tokens[1:]]
+        if len(order) != len(self.index_raw_ids) or min(order, default=0) < 0 or len(set(order)) != len(order):
+            raise ValueError("the item tokens are not a permutation of the catalogue's items")
+        if order == list(range(len(order))):
+            return
+        self.order = torch.tensor(order, dtype=torch.long)
+        self.raw_ids = [self.index_raw_ids[o] for o in order]
+        self._lookup = None
+        self.drop_features()
+
+    def in_internal_order(self, rows):
+        """``rows`` (``[n + 1, ...]`` tensor or list, row 0 padding) in the files' order ->
+        internal-id order."""
+        if self.order is None:
+            return rows
+        if isinstance(rows, torch.Tensor):
+            return torch.cat([rows[:1], rows[1:][self.order]])
+        return rows[:1] + [rows[1 + o] for o in self.order.tolist()]
+
     @property
     def lookup(self) -> dict[str, int]:
         """Raw id -> internal id."""
@@ -203,11 +233,11 @@ class Catalogue:
         for d, n in zip(self.domains, self.domain_sizes):
             path = require_file(d.file(self.suffixes[name]), f"{name} feature file ({suffix_key}: {self.suffixes[name]})")
             dim = self.sizes.get(name) or _infer_dim(path, n)
-            blocks.append(read_feature_table(path, self.raw_ids[start : start + n], dim, what=f"{size_key} of the model"))
+            blocks.append(read_feature_table(path, self.index_raw_ids[start : start + n], dim, what=f"{size_key} of the model"))
             start += n
         if len(blocks) == 1:
-            return blocks[0]
-        return torch.cat([blocks[0]] + [b[1:] for b in blocks[1:]])
+            return self.in_internal_order(blocks[0])
+        return self.in_internal_order(torch.cat([blocks[0]] + [b[1:] for b in blocks[1:]]))
 
     def drop_features(self) -> None:
         """Forget the loaded tables (the model holds its own copy)."""
@@ -301,10 +331,10 @@ class _CatalogueDataset:
             if cat.domains and all(os.path.isfile(d.file("text")) for d in cat.domains):
                 texts, start = [""], 0
                 for d, n in zip(cat.domains, cat.domain_sizes):
-                    texts += read_text(d.file("text"), cat.raw_ids[start : start + n] if not d.prefix else
-                                       [r[len(d.prefix):] for r in cat.raw_ids[start : start + n]])
+                    texts += read_text(d.file("text"), cat.index_raw_ids[start : start + n] if not d.prefix else
+                                       [r[len(d.prefix):] for r in cat.index_raw_ids[start : start + n]])
                     start += n
-                self.item_text = texts
+                self.item_text = cat.in_internal_order(texts)
             else:
                 self.item_text = None
             return self.item_text
@@ -399,7 +429,8 @@ def _own_catalogue(config, ckpt) -> Catalogue:
                 f"pass data_path= (--data_path) to the folder that holds {d.name}/"
             )
     tokens = ckpt.get("item_tokens")
-    if all(os.path.isfile(d.file("item2index")) for d in domains):
+    own_index = all(os.path.isfile(d.file("item2index")) for d in domains)
+    if own_index:
         cat = Catalogue.from_domains(domains, suffixes, sizes)
     elif suffixes:
         raise DataValidationError(f"{domains[0].file('item2index')}: missing; needed to align the features with items")
@@ -409,6 +440,14 @@ def _own_catalogue(config, ckpt) -> Catalogue:
         raise DataValidationError(f"{domains[0].file('item2index')}: missing and the checkpoint holds no item tokens")
     if tokens is not None and len(tokens) != len(cat) + 1:
         cat.size_mismatch = (len(tokens) - 1, len(cat))
+    elif tokens is not None and own_index:
+        try:
+            cat.reorder(tokens)  # the internal ids the model was trained with
+        except ValueError:
+            raise DataValidationError(
+                f"{', '.join(d.file('item2index') for d in domains)}: the items do not match the checkpoint's "
+                f"item tokens (the dataset changed since training?)"
+            ) from None
     return cat
 
 
@@ -562,7 +601,10 @@ class Recommender:
         max_len = int(self.config["MAX_ITEM_LIST_LENGTH"])
         cut = [h[-max_len:] for h in id_lists]
         lens = torch.tensor([len(h) for h in cut], dtype=torch.long)
-        width = int(lens.max()) if self.config["trim_batch_seq"] is not False else max_len
+        pad = self.config["pad_batch_seq_to_max"]
+        if pad is None:  # checkpoints older than the key: trim_batch_seq False meant that
+            pad = self.config["trim_batch_seq"] is False
+        width = max_len if pad else int(lens.max())  # masked models: any width gives the same scores
         seq = torch.zeros(len(cut), max(width, 1), dtype=torch.long)
         for r, h in enumerate(cut):
             seq[r, : len(h)] = torch.tensor(h, dtype=torch.long)

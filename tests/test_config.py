@@ -21,14 +21,17 @@ def test_layering_order(tiny_root, tmp_path, monkeypatch):
     extra = tmp_path / "extra.yaml"
     extra.write_text("learning_rate: 0.5\nstopping_step: 5\n")
     monkeypatch.setenv("RECBOLE_MM_PROPS", str(props))
-    assert [p.split("/")[-1] for p in layered_prop_files("SASRec", "Tiny", "finetune")] == [
-        "overall.yaml", "finetune.yaml", "SASRec.yaml", "Tiny.yaml"]
+    (props / "recbole_models.yaml").write_text("epochs: 7\nhidden_dropout_prob: 0.3\n")
+    assert [p.split("/")[-1] for p in layered_prop_files("SASRec", "Tiny", "finetune", recbole_model=True)] == [
+        "overall.yaml", "finetune.yaml", "recbole_models.yaml", "SASRec.yaml", "Tiny.yaml"]
+    assert "recbole_models.yaml" not in " ".join(layered_prop_files("UniSRec", "Tiny", "finetune"))
     c = Config("SASRec", "Tiny", config_file_list=[str(extra)],
                cmd_overrides={"data_path": str(tiny_root), "learning_rate": "0.6"})
     assert c["learning_rate"] == 0.6          # command line beats everything
     assert c["stopping_step"] == 5            # --config_files beat props/
     assert c["n_layers"] == 3                 # <Model>.yaml beats overall.yaml and RecBole's SASRec.yaml
-    assert c["epochs"] == 2                   # stage yaml beats overall.yaml
+    assert c["epochs"] == 7                   # recbole_models.yaml (RecBole's own models) beats the stage yaml
+    assert c["hidden_dropout_prob"] == 0.3
     assert c["hidden_size"] == 64             # RecBole's own SASRec default underneath
     c2 = Config("SASRec", "Tiny", cmd_overrides={"data_path": str(tiny_root)})
     assert c2["learning_rate"] == 0.4         # <dataset>.yaml beats <Model>.yaml
@@ -36,6 +39,8 @@ def test_layering_order(tiny_root, tmp_path, monkeypatch):
 
 def test_default_props_and_data_path(tiny_root):
     c = Config("SASRec", "Tiny", cmd_overrides=quick(tiny_root))
+    assert c["trim_batch_seq"] is False  # RecBole's models: RecBole's batch width (props/recbole_models.yaml)
+    assert Config("UniSRec", "Tiny", cmd_overrides=quick(tiny_root))["trim_batch_seq"] is True
     assert c["valid_metric"] == "NDCG@10" and c["benchmark_filename"] == ["train", "valid", "test"]
     assert c["data_path"].endswith("Tiny") and c["run_stage"] == "finetune"
     c = Config("SASRec", "A,B", stage="pretrain")

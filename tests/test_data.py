@@ -24,14 +24,41 @@ def test_features_align_with_item2index(tiny_root):
         assert np.allclose(ds.features["text"][internal].numpy(), raw[int(token)])
     # .inter tokens are item2index indices: token '5' is the 6th line of Tiny.item2index
     assert ds.item_raw_ids[ds.field2token_id["item_id"]["5"]] == "A000005"
-    assert ds.item_text[6].startswith("Item number 5 ")
+    assert ds.item_text[ds.field2token_id["item_id"]["5"]].startswith("Item number 5 ")
+    for internal in range(1, ds.item_num):  # every item-aligned table follows the same permutation
+        token = ds.field2id_token["item_id"][internal]
+        assert ds.item_raw_ids[internal] == f"A{int(token):06d}"
+        assert ds.item_text[internal].startswith(f"Item number {token} ")
+
+
+def test_internal_ids_follow_plain_recbole(tiny_root):
+    """Same numbering as RecBole's own loader on the same files, so ID models match it."""
+    from recbole.config import Config as RecBoleConfig
+    from recbole.data import create_dataset as recbole_dataset
+
+    _, ds = _dataset(tiny_root)
+    plain_cfg = RecBoleConfig(
+        model="SASRec", dataset="Tiny",
+        config_dict={"data_path": str(tiny_root), "benchmark_filename": ["train", "valid", "test"],
+                     "alias_of_item_id": ["item_id_list"], "use_gpu": False, "train_neg_sample_args": None,
+                     "load_col": {"inter": ["user_id", "item_id_list", "item_id"]}},
+    )
+    plain = recbole_dataset(plain_cfg)
+    seen = plain.num("item_id")  # plain RecBole numbers only the items that occur
+    assert list(ds.field2id_token["item_id"][:seen]) == list(plain.field2id_token["item_id"])
+    assert list(ds.field2id_token["user_id"][1:]) == list(plain.field2id_token["user_id"][1:])
+    for f in ("user_id", "item_id"):
+        assert np.array_equal(np.asarray(ds.inter_feat[f]), np.asarray(plain.inter_feat[f]))
+    for ours, theirs in zip(ds.inter_feat["item_id_list"], plain.inter_feat["item_id_list"]):
+        assert np.array_equal(np.asarray(ours), np.asarray(theirs))
 
 
 def test_presence_mask_marks_missing_images(tiny_root):
     _, ds = _dataset(tiny_root)
     presence = ds.feature_presence["image"]
     missing = set(torch.nonzero(~presence).flatten().tolist())
-    assert missing == {0, 4, 8}  # padding + item indices 3 and 7
+    tok = ds.field2token_id["item_id"]
+    assert missing == {0, tok["3"], tok["7"]}  # padding + item indices 3 and 7
     assert bool(ds.feature_presence["text"][1:].all())
 
 
@@ -40,10 +67,13 @@ def test_pretrain_merges_domains_with_prefixes(tiny_root):
     assert config["pretrain_domains"] == ["Tiny", "Tiny2"] and config["dataset"] == "Tiny+Tiny2"
     assert ds.item_num == 1 + 40 + 30
     tokens = list(ds.field2id_token["item_id"])
-    assert tokens[1] == "Tiny:0" and tokens[41] == "Tiny2:0"
+    assert sorted(tokens[1:]) == sorted([f"Tiny:{i}" for i in range(40)] + [f"Tiny2:{i}" for i in range(30)])
     raw2 = np.fromfile(tiny_root / "Tiny2" / "Tiny2.feat1CLS", dtype="<f4").reshape(30, -1)
-    assert np.allclose(ds.features["text"][41].numpy(), raw2[0])
-    assert ds.item_domain[1].item() == 0 and ds.item_domain[41].item() == 1
+    for i in (0, 17):
+        internal = ds.field2token_id["item_id"][f"Tiny2:{i}"]
+        assert np.allclose(ds.features["text"][internal].numpy(), raw2[i])
+    domain_of = torch.tensor([0] + [0 if t.startswith("Tiny:") else 1 for t in tokens[1:]])
+    assert torch.equal(ds.item_domain, domain_of)
     train, valid, test = data_preparation(config, ds)
     assert valid is None and test is None
     batch = next(iter(train))
@@ -54,7 +84,7 @@ def test_pretrain_merges_domains_with_prefixes(tiny_root):
 def test_trimmed_batches_give_identical_scores(tiny_root):
     from recbole.model.sequential_recommender import SASRec
 
-    config, ds = _dataset(tiny_root, train_batch_size=16)
+    config, ds = _dataset(tiny_root, train_batch_size=16, trim_batch_seq=True)
     train, valid, test = data_preparation(config, ds)
     torch.manual_seed(0)
     model = SASRec(config, train._dataset).eval()
@@ -78,4 +108,4 @@ def test_plain_inter_goes_through_recbole_leave_one_out(tmp_path):
     assert config["benchmark_filename"] is None
     train, valid, test = data_preparation(config, ds)
     assert len(valid._dataset) == 30 and len(test._dataset) == 30
-    assert ds.field2id_token["item_id"][1] == "0" and ds.item_num == 21
+    assert sorted(ds.field2id_token["item_id"][1:], key=int) == [str(i) for i in range(20)] and ds.item_num == 21

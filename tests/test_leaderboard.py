@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import quick
-from recbole_mm.leaderboard import leaderboard, parse_seeds, plan
+from recbole_mm.leaderboard import LeaderboardError, leaderboard, parse_model_overrides, parse_seeds, plan
 
 
 def _overrides(root, **extra):
@@ -85,6 +85,19 @@ def test_plan_modes_seeds_and_names(tiny_root, workdir):
     other, _ = plan("Tiny", "SASRec", seeds=1, overrides=dict(ov, hidden_size="32"))
     assert other[0].run_name != names[0]
     assert parse_seeds("3") == [2020, 2021, 2022] and parse_seeds("1,7") == [1, 7]
+    # --set MODEL:key=value reaches only that model's cells (and so changes only their names)
+    mo = parse_model_overrides(["UniSRec:hidden_size=32", "UniSRec:--epochs=3"])
+    assert mo == {"UniSRec": {"hidden_size": "32", "epochs": "3"}}
+    set_cells, _ = plan("Tiny", "SASRec,UniSRec", modes="inductive", seeds=1, overrides=ov, model_overrides=mo)
+    assert set_cells[0].run_name == names[0] and "hidden_size" not in set_cells[0].overrides
+    uni = set_cells[1]
+    assert uni.overrides["hidden_size"] == "32" and uni.overrides["epochs"] == "3"
+    assert uni.run_name != next(c.run_name for c in cells if c.model == "UniSRec" and c.seed == 2020 and c.mode_label == "inductive")
+    for bad in (["UniSRec=3"], ["UniSRec:epochs"], [":epochs=3"]):
+        with pytest.raises(LeaderboardError, match="--set"):
+            parse_model_overrides(bad)
+    with pytest.raises(LeaderboardError, match="unknown model"):
+        plan("Tiny", "SASRec", seeds=1, overrides=ov, model_overrides={"NoSuchModel": {"epochs": "1"}})
     assert [c.seed for c in plan("Tiny", "SASRec", seeds=2, overrides=dict(ov, seed="5"))[0]] == [5, 6]
 
 

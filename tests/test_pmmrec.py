@@ -358,9 +358,10 @@ def _layers(encoder):
 def test_end_to_end_tiny_random_encoders_train_step(tiny_root, e2e_assets, stage):
     cfg, ds, train, test = _setup(tiny_root, item_encoder_mode="end_to_end", train_stage=stage,
                                   text_trainable_layers=1, image_trainable_layers=2, **e2e_assets)
-    assert ds.item_image_files[3] is None and ds.item_image_files[1].endswith(".png")  # index 2 -> id 3 has none
+    no_image = ds.field2token_id["item_id"]["2"]  # item index 2 has no image file
+    assert ds.item_image_files[no_image] is None and ds.item_image_files[no_image % (ds.item_num - 1) + 1].endswith(".png")
     model = _unzero(_model(cfg, train))
-    assert not bool(model.image_presence[3]) and bool(model.image_presence[1:].sum() == model.n_items - 3)
+    assert not bool(model.image_presence[no_image]) and bool(model.image_presence[1:].sum() == model.n_items - 3)
     text_enc, vision_enc = model.item_encoder.text.encoder, model.item_encoder.image.encoder
     trainable = lambda mod: any(p.requires_grad for p in mod.parameters())  # noqa: E731
     assert [trainable(layer) for layer in _layers(text_enc)] == [False, False, True]
@@ -384,10 +385,35 @@ def test_end_to_end_tiny_random_encoders_train_step(tiny_root, e2e_assets, stage
     assert torch.isfinite(scores).all() and scores.shape[1] == model.n_items
 
 
+def test_end_to_end_text_with_precomputed_image_features(tiny_root, e2e_assets):
+    """No image_encoder_path: the text encoder trains end to end, the image side is the
+    features-mode adapter on feat3CLS (no pixels loaded)."""
+    from recbole_mm.model.pmmrec import FeatureTower
+
+    cfg, _, train, test = _setup(tiny_root, item_encoder_mode="end_to_end", text_trainable_layers=1,
+                                 text_encoder_path=e2e_assets["text_encoder_path"])
+    model = _unzero(_model(cfg, train))
+    assert isinstance(model.item_encoder.image, FeatureTower) and not hasattr(model, "item_pixels")
+    assert torch.equal(model.image_presence, train._dataset.feature_presence["image"])
+    batch = next(iter(train))
+    loss = model.calculate_loss(batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert _grad(_layers(model.item_encoder.text.encoder)[-1]) > 0 and _grad(model.item_encoder.image) > 0
+    model.eval()
+    with torch.no_grad(), model.item_table_cache():
+        scores = model.full_sort_predict(next(iter(test))[0])
+    assert torch.isfinite(scores).all()
+
+
 def test_end_to_end_reports_missing_inputs(tiny_root, e2e_assets):
     no_images = {k: v for k, v in e2e_assets.items() if k != "image_path"}
     cfg, _, train, _ = _setup(tiny_root, item_encoder_mode="end_to_end", **no_images)
     with pytest.raises(ValueError, match="needs item images: set image_path"):
+        _model(cfg, train)
+    only_text = {"text_encoder_path": e2e_assets["text_encoder_path"]}
+    cfg, _, train, _ = _setup(tiny_root, item_encoder_mode="end_to_end", img_suffix=None, **only_text)
+    with pytest.raises(ValueError, match="needs image_encoder_path .* or, to keep the image side"):
         _model(cfg, train)
     no_text = {k: v for k, v in e2e_assets.items() if k != "text_encoder_path"}
     cfg, _, train, _ = _setup(tiny_root, item_encoder_mode="end_to_end", **no_text)

@@ -309,16 +309,20 @@ def test_reloaded_unisrec_reproduces_the_evaluators_top10_on_scientific(shared_d
             inter = batch[0]
             s = model.full_sort_predict(inter).view(len(inter), -1)
             s[:, 0] = -math.inf
-            ref.append(s.topk(10, dim=1).indices)
+            ref.append(s.topk(10, dim=1))
             for seq, n in zip(inter["item_id_list"].tolist(), inter["item_length"].tolist()):
                 histories.append([ds.item_raw_ids[i] for i in seq[:n]])
             targets += [ds.item_raw_ids[i] for i in inter["item_id"].tolist()]
-    ref_items = [[ds.item_raw_ids[i] for i in row] for row in torch.cat(ref).tolist()]
+    ref_items = [[ds.item_raw_ids[i] for i in row] for r in ref for row in r.indices.tolist()]
+    ref_vals = torch.cat([r.values for r in ref])
 
     rec = recbole_mm.load(res["checkpoint"], device="cpu")  # a fresh model from the checkpoint + feature files
     recs = rec.recommend(histories, k=10, exclude_seen=False)
     assert len(recs) == len(histories) == 2928
-    assert [r.items for r in recs] == ref_items
+    # same scores (float noise: the histories are batched differently), same items but for near-ties
+    _assert_same_ranking(recs, ref_items, ref_vals, atol=1e-4)
+    exact = sum(r.items == items for r, items in zip(recs, ref_items))
+    assert exact >= 2928 - 5, exact
     # and so the run's own test metrics
     ranks = [r.items.index(t) if t in r.items else None for r, t in zip(recs, targets)]
     ndcg = np.mean([1 / np.log2(k + 2) if k is not None else 0.0 for k in ranks])

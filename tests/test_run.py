@@ -115,3 +115,47 @@ def test_s3rec_pretrain_then_finetune(tiny_root, workdir):
 def test_inductive_mode_is_refused_for_id_models(tiny_root, workdir):
     with pytest.raises(ValueError, match="no inductive"):
         run("SASRec", "Tiny", mode="inductive", overrides=quick(tiny_root))
+
+
+def test_untrimmed_sasrec_trains_bit_for_bit_as_plain_recbole(tiny_root, workdir):
+    """trim_batch_seq False: same item numbering, same batches, same random draws as RecBole
+    1.2.1's own pipeline on the same files, so the same losses and metrics (to the last digit)."""
+    from recbole.config import Config
+    from recbole.data import create_dataset as plain_dataset, data_preparation as plain_preparation
+    from recbole.model.sequential_recommender import SASRec
+    from recbole.trainer import Trainer
+    from recbole.utils import init_seed
+
+    ours = run("SASRec", "Tiny", overrides=quick(tiny_root, epochs=3, trim_batch_seq=False, eval_step=1))
+    cfg = {
+        "data_path": str(tiny_root), "seed": 2020, "reproducibility": True, "use_gpu": False, "state": "WARNING",
+        "benchmark_filename": ["train", "valid", "test"], "alias_of_item_id": ["item_id_list"],
+        "load_col": {"inter": ["user_id", "item_id_list", "item_id"]}, "MAX_ITEM_LIST_LENGTH": 50,
+        "train_neg_sample_args": None, "loss_type": "CE", "epochs": 3, "train_batch_size": 64,
+        "learning_rate": 0.001, "stopping_step": 10, "eval_step": 1, "eval_batch_size": 64,
+        "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "full"},
+        "metrics": ["Recall", "NDCG", "MRR"], "topk": [10], "valid_metric": "NDCG@10", "show_progress": False,
+        "checkpoint_dir": str(workdir / "plain"),
+    }
+    config = Config(model="SASRec", dataset="Tiny", config_dict=cfg)
+    init_seed(config["seed"], config["reproducibility"])
+    ds = plain_dataset(config)
+    train, valid, test = plain_preparation(config, ds)
+    init_seed(config["seed"], config["reproducibility"])
+    trainer = Trainer(config, SASRec(config, train._dataset))
+    losses, train_epoch = [], trainer._train_epoch
+    trainer._train_epoch = lambda *a, **k: losses.append(train_epoch(*a, **k)) or losses[-1]
+    trainer.fit(train, valid, saved=True, show_progress=False)
+    assert [h["train_loss"] for h in ours["history"]] == pytest.approx(losses, rel=0, abs=1e-9)
+    result = trainer.evaluate(test, load_best_model=True, show_progress=False)
+    assert {k: round(float(v), 4) for k, v in result.items()} == ours["test"]
+
+
+def test_steps_per_epoch_caps_the_batches_of_an_epoch(tiny_root, workdir, monkeypatch):
+    from recbole.model.sequential_recommender import SASRec
+
+    calls = []
+    original = SASRec.calculate_loss
+    monkeypatch.setattr(SASRec, "calculate_loss", lambda self, inter: calls.append(len(inter)) or original(self, inter))
+    run("SASRec", "Tiny", overrides=quick(tiny_root, epochs=2, steps_per_epoch=3, train_batch_size=16))
+    assert len(calls) == 2 * 3 and set(calls) == {16}

@@ -3,9 +3,11 @@
 RecBole pads every batch to the dataset's longest list (35 on Scientific_mm, whose average
 is 3.4).  Sequences are left-aligned with right padding, so cutting the padded columns past
 the batch's longest sequence changes no result for models that mask padding; it removes
-most of the attention/FFN work.  Models that need a fixed width (Caser's vertical
-convolution spans ``MAX_ITEM_LIST_LENGTH``) set ``trim_batch_seq: False`` in their props:
-their batches are padded to exactly ``MAX_ITEM_LIST_LENGTH`` columns instead.
+most of the attention/FFN work.  ``trim_batch_seq: False`` keeps RecBole's own width (the
+dataset's longest list), so an ID model then trains bit for bit as in plain RecBole (dropout
+draws depend on the width).  Models that need a fixed width (Caser's vertical convolution
+spans ``MAX_ITEM_LIST_LENGTH``) also set ``pad_batch_seq_to_max: True`` in their props: their
+batches are padded to exactly ``MAX_ITEM_LIST_LENGTH`` columns.
 """
 
 from __future__ import annotations
@@ -19,14 +21,16 @@ from recbole_mm import distributed
 
 def trim_batch(dataset, interaction, config):
     """Cut the ``*_list`` fields of ``interaction`` to its longest ``item_length`` (in place),
-    or pad them to ``MAX_ITEM_LIST_LENGTH`` when ``trim_batch_seq`` is off."""
+    or pad them to ``MAX_ITEM_LIST_LENGTH`` with ``pad_batch_seq_to_max`` (module doc)."""
     len_field = config["ITEM_LIST_LENGTH_FIELD"]
     if len_field not in interaction.interaction:
         return interaction
-    if config["trim_batch_seq"]:
+    if config["pad_batch_seq_to_max"]:
+        width = int(config["MAX_ITEM_LIST_LENGTH"])
+    elif config["trim_batch_seq"]:
         width = max(int(interaction[len_field].max()), 1)
     else:
-        width = int(config["MAX_ITEM_LIST_LENGTH"])
+        return interaction
     suffix = config["LIST_SUFFIX"]
     for field, value in interaction.interaction.items():
         if not field.endswith(suffix) or value.dim() < 2 or value.size(1) == width:

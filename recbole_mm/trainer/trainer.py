@@ -63,13 +63,17 @@ class MMTrainer(Trainer):
         world = distributed.world_size()
         sampler = getattr(train_data, "batch_sampler", None)
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.enable_scaler)
+        limit = int(self.config["steps_per_epoch"] or 0)  # 0: the whole data
+        n_steps = min(len(train_data), limit) if limit > 0 else len(train_data)
         batches = (
-            tqdm(train_data, total=len(train_data), ncols=100, desc=set_color(f"Train {epoch_idx:>5}", "pink"))
+            tqdm(train_data, total=n_steps, ncols=100, desc=set_color(f"Train {epoch_idx:>5}", "pink"))
             if show_progress
             else train_data
         )
         total = None
         for step, interaction in enumerate(batches):
+            if step >= n_steps:
+                break
             interaction = interaction.to(self.device)
             # this rank's share of the global batch: its loss (a mean over its rows) weighs
             # local/global rows of the global mean; x world as DDP averages the gradients
