@@ -830,6 +830,11 @@ def leaderboard(dataset, models, modes=None, pretrained=None, seeds=3, lm_seeds=
 
     try:
         for i, c in enumerate(todo, 1):
+            res = None if rerun else finished_result(c)
+            if res is not None:  # finished meanwhile by another leaderboard process sharing checkpoint_dir
+                c.status, c.result = "skipped", res
+                log(f"[{i}/{len(todo)}] {c.label}: finished meanwhile by another process, skipped")
+                continue
             log(f"[{i}/{len(todo)}] {c.label} -> {c.run_name}")
             execute(c, dataset, config_files, resume, isolation, timeout, log)
             log(f"  {c.status} in {c.seconds:.1f} s" + (f": {c.error}" if c.error else

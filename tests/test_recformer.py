@@ -67,20 +67,21 @@ def test_sentences_key_value_capped_and_attr_file_first(attr_root, tiny_bert):
 
     tok = AutoTokenizer.from_pretrained(tiny_bert)
     ids = lambda words: tok.convert_tokens_to_ids(words)  # noqa: E731
-    model, _, _ = _model(attr_root, tiny_bert, "Attr", max_attr_length=5, max_attr_num=3)
-    # item id 1 (from .attr): title capped at 5 tokens (key + 4), brand; the empty category is skipped
-    got_ids, types, ws = _item(model, 1)
+    model, _, ds = _model(attr_root, tiny_bert, "Attr", max_attr_length=5, max_attr_num=3)
+    iid = lambda index: ds.field2token_id["item_id"][str(index)]  # noqa: E731  (internal id of item index)
+    # item index 0 (from .attr): title capped at 5 tokens (key + 4), brand; the empty category is skipped
+    got_ids, types, ws = _item(model, iid(0))
     assert got_ids == ids(["title", "red", "glue", "for", "the", "brand", "blue"])
     assert types == [KEY_TYPE] + [VALUE_TYPE] * 4 + [KEY_TYPE, VALUE_TYPE]
-    # item id 2: title, then category (no brand)
-    assert _item(model, 2)[0] == ids(["title", "glue", "category", "tape", "pack"])
-    # item id 3: not in .attr -> parsed .text "Item number 2 of cluster 0. Brand2." (title, category)
-    got_ids, types, ws = _item(model, 3)
+    # item index 1: title, then category (no brand)
+    assert _item(model, iid(1))[0] == ids(["title", "glue", "category", "tape", "pack"])
+    # item index 2: not in .attr -> parsed .text "Item number 2 of cluster 0. Brand2." (title, category)
+    got_ids, types, ws = _item(model, iid(2))
     assert got_ids == ids(["title", "item", "number", "2", "of", "category", "brand", "##2"])
     assert ws == [True, True, True, True, True, True, True, False]  # "brand ##2" is one word
     # at most max_attr_num attributes
     model1, _, _ = _model(attr_root, tiny_bert, "Attr", max_attr_length=5, max_attr_num=1)
-    assert _item(model1, 1)[0] == ids(["title", "red", "glue", "for", "the"])
+    assert _item(model1, iid(0))[0] == ids(["title", "red", "glue", "for", "the"])
     assert int(model.sent_lengths[0]) == 0  # padding
 
 

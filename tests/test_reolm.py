@@ -16,8 +16,12 @@ from recbole_mm.model.reolm import MoLoRA, ReoLM
 from recbole_mm.quick_start import build_config, run
 from recbole_mm.trainer import load_checkpoint
 
-# fixture: items 3 and 7 (ids 4 and 8) of Tiny have no image
-NO_IMAGE, WITH_IMAGE = 4, 1
+
+
+def _ids(ds):
+    """Internal ids of an item without image (index 3 of the Tiny fixture) and one with (index 0)."""
+    tok = ds.field2token_id["item_id"]
+    return tok["3"], tok["0"]
 
 
 
@@ -50,7 +54,8 @@ def _randomise_adapters(model, seed=0):
 
 
 def test_image_soft_token_replaces_the_word_embedding(tiny_root, tiny_bert):
-    model, _, _ = _model(tiny_root, tiny_bert)
+    model, _, ds = _model(tiny_root, tiny_bert)
+    NO_IMAGE, WITH_IMAGE = _ids(ds)
     assert not bool(model.image_presence[NO_IMAGE]) and bool(model.image_presence[WITH_IMAGE])
     tok = model.item_tokens(torch.tensor([WITH_IMAGE, NO_IMAGE]))
     img = torch.nonzero(tok.types == IMAGE_TYPE).squeeze(1)
@@ -71,7 +76,8 @@ def test_image_soft_token_replaces_the_word_embedding(tiny_root, tiny_bert):
 
 
 def test_placeholder_and_projection_get_gradients(tiny_root, tiny_bert):
-    model, _, _ = _model(tiny_root, tiny_bert)
+    model, _, ds = _model(tiny_root, tiny_bert)
+    NO_IMAGE, WITH_IMAGE = _ids(ds)
     model.train()
     cls, _ = model.encode_tokens(model.item_tokens(torch.tensor([WITH_IMAGE, NO_IMAGE])))
     cls.pow(2).sum().backward()
@@ -192,6 +198,21 @@ def test_pretrain_two_domains_then_transfer_trains_only_adapters(tiny_root, tiny
     free = ReoLM(build_config("ReoLM", "Tiny", config_dict=q(tiny_root, tiny_bert, fix_enc=False)), ds)
     free.load_pretrained(sd)
     assert all(p.requires_grad for p in free.parameters())
+
+
+def test_without_image_features_every_item_gets_the_placeholder(tiny_root, tiny_bert):
+    """Text-only corpora (img_suffix: ~): the placeholder everywhere, img_proj sized by img_size
+    so that it transfers to image data."""
+    with pytest.raises(ValueError, match="needs img_size"):
+        _model(tiny_root, tiny_bert, img_suffix=None)
+    model, _, ds = _model(tiny_root, tiny_bert, img_suffix=None, img_size=8)
+    assert model.img_proj[0].in_features == 8 and not bool(model.image_presence.any())
+    tok = model.item_tokens(torch.tensor(list(_ids(ds))))
+    img = torch.nonzero(tok.types == IMAGE_TYPE).squeeze(1)
+    w = model.embed_words(tok)
+    torch.testing.assert_close(w[img], model.void_img_emb.expand(2, -1))
+    with_images, _, _ = _model(tiny_root, tiny_bert)
+    with_images.load_state_dict(model.state_dict())  # same parameters: the checkpoint transfers
 
 
 @pytest.mark.integration

@@ -9,7 +9,9 @@ embeddings, packed encoder, two-stage item table, checkpoints):
   word embedding is replaced by ``img_proj(feature)`` (``Linear(d, 2d) - GELU - Linear(2d,
   H)``) of the item's frozen image feature (``img_suffix``, e.g. ``feat3CLS``); an item
   without an image (all-zero feature row) gets the learnable ``void_img_emb``.  The image
-  token goes through the backbone's bottom layers with the text tokens.
+  token goes through the backbone's bottom layers with the text tokens.  ``img_suffix: ~``
+  (a corpus without images, e.g. text-only pre-training domains) gives every item the
+  placeholder; ``img_size`` then sets ``d`` so that ``img_proj`` fits the fine-tuning data.
 * **Mixture-of-LoRA adapters** on every layer's feed-forward output: ``y = FFN(h) +
   scaling * sum_e g_e up_e(down_e(h))`` (``h``: the feed-forward input; ``up`` starts at
   zero, so the untrained adapters leave the backbone unchanged).  Bottom half
@@ -91,7 +93,17 @@ class ReoLM(Recformer):
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
-        self.register_features(dataset, ["image"])
+        if config["img_suffix"]:
+            self.register_features(dataset, ["image"])
+        else:  # a corpus without images (e.g. text-only pre-training domains): every item has the placeholder
+            d = int(config["img_size"] or 0)
+            if d <= 0:
+                raise ValueError(
+                    "ReoLM without image features (img_suffix: ~) needs img_size: the image feature size of the "
+                    "data it will be fine-tuned on (e.g. 512 for CLIP ViT-B/32), so that img_proj transfers"
+                )
+            self.register_buffer("image_features", torch.zeros(self.n_items, d), persistent=False)
+            self.register_buffer("image_presence", torch.zeros(self.n_items, dtype=torch.bool), persistent=False)
         d = self.image_features.size(1)
         self.img_proj = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, self.hidden_size))
         self.void_img_emb = nn.Parameter(torch.randn(self.hidden_size) * 0.02)
