@@ -13,8 +13,10 @@
 #   benchmarks/fidelity.sh                # -> benchmarks/results/fidelity-Scientific_mm.json
 #   SEED=2021 benchmarks/fidelity.sh
 #
-# A run whose saved/<run>.json exists is skipped (re-run after an interruption).  Timings are
-# only meaningful with nothing else running on the machine.
+# A run whose saved/<run>.json exists is skipped (re-run after an interruption); SASREC_JSON /
+# UNISREC_JSON name an existing result JSON of the same command instead (e.g. a leaderboard
+# cell's saved/lb-Scientific_mm-SASRec-s2020-<hash>.json).  Timings are only meaningful with
+# nothing else running on the machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SEED=${SEED:-2020}
@@ -31,14 +33,16 @@ if [ ! -f "benchmarks/out/plain-SASRec-s$SEED.json" ]; then
   python benchmarks/plain_recbole.py -m SASRec -d Scientific_mm --data_path "$DATA" --seed "$SEED" \
       --out "benchmarks/out/plain-SASRec-s$SEED.json" > "benchmarks/out/plain-SASRec-s$SEED.log" 2>&1
 fi
-run "fid-SASRec-s$SEED" python run_finetune.py -m SASRec -d Scientific_mm
-run "fid-UniSRec-s$SEED" python run_finetune.py -m UniSRec -d Scientific_mm --mode transductive
+[ -n "${SASREC_JSON:-}" ] || run "fid-SASRec-s$SEED" python run_finetune.py -m SASRec -d Scientific_mm
+[ -n "${UNISREC_JSON:-}" ] || run "fid-UniSRec-s$SEED" python run_finetune.py -m UniSRec -d Scientific_mm --mode transductive
+export SASREC_JSON=${SASREC_JSON:-saved/fid-SASRec-s$SEED.json} UNISREC_JSON=${UNISREC_JSON:-saved/fid-UniSRec-s$SEED.json}
 SEED=$SEED python - <<'PY'
 import json, os
 seed = os.environ["SEED"]
 plain = json.load(open(f"benchmarks/out/plain-SASRec-s{seed}.json"))
-def ours(run):
-    r = json.load(open(f"saved/{run}.json"))
+def ours(path):
+    r = json.load(open(path))
+    run = r["config"]["run_name"]
     t = r["timings"]
     return {"run": run, "best_epoch": r["best_epoch"], "test": r["test"], "valid": r["valid"],
             "epochs_run": len(t["train_seconds_per_epoch"]),
@@ -46,7 +50,10 @@ def ours(run):
             "median_train_seconds_per_epoch": round(sorted(t["train_seconds_per_epoch"])[len(t["train_seconds_per_epoch"]) // 2], 2),
             "median_eval_seconds": round(sorted(t["valid_seconds_per_epoch"])[len(t["valid_seconds_per_epoch"]) // 2], 3),
             "peak_rss_mb": round(t["peak_rss_mb"]), "total_seconds": round(t["total_seconds"], 1)}
-sas, uni = ours(f"fid-SASRec-s{seed}"), ours(f"fid-UniSRec-s{seed}")
+sas, uni = ours(os.environ["SASREC_JSON"]), ours(os.environ["UNISREC_JSON"])
+for r, model in ((sas, "SASRec"), (uni, "UniSRec")):
+    cfg = json.load(open(os.environ[model.upper() + "_JSON"]))["config"]
+    assert cfg["model"] == model and str(cfg["seed"]) == seed and cfg["dataset"] == "Scientific_mm", cfg["model"]
 ref = {"test": {"recall@10": 0.1619, "recall@50": 0.3333, "ndcg@10": 0.0798, "ndcg@50": 0.1173},
        "best_epoch": 14, "valid_ndcg@10": 0.0854, "seconds_per_epoch": "~130 (115-210)", "eval_seconds": "~6",
        "peak_rss_gb": 6.4, "minutes_to_early_stop": 64}

@@ -181,6 +181,51 @@ def test_each_objective_is_finite_and_has_gradients(tiny):
         torch.testing.assert_close(got, w * parts[key])
 
 
+@pytest.mark.parametrize("name", ["nicl", "nid", "rcl"])
+def test_each_objective_alone_decreases_when_optimised(tiny_root, name):
+    """A few Adam steps on one batch with only this objective (same corruption every step)."""
+    weights = {f"{k}_weight": 1.0 if k == name else 0.0 for k in ("nicl", "nid", "rcl")}
+    cfg, _, train, _ = _setup(tiny_root, train_stage="pretrain", **weights)
+    model = _unzero(_model(cfg, train))
+    batch = next(iter(train))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    values = []
+    for _ in range(8):
+        torch.manual_seed(3)
+        loss = model.pretrain_losses(batch)[name]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        values.append(float(loss))
+    assert all(np.isfinite(values)) and values[-1] < 0.9 * values[0], (name, values)
+
+
+@pytest.mark.parametrize("name", ["nicl", "nid", "rcl"])
+def test_objective_with_weight_zero_is_inactive(tiny_root, monkeypatch, name):
+    """Weight 0: the part is exactly 0, never computed, and trains nothing."""
+    cfg, _, train, _ = _setup(tiny_root, train_stage="pretrain", **{f"{name}_weight": 0})
+    model = _unzero(_model(cfg, train))
+    batch = next(iter(train))
+    called = []
+    if name == "nicl":
+        monkeypatch.setattr(model, "nicl_loss", lambda *a: called.append(a))
+    elif name == "nid":
+        monkeypatch.setattr(model.nid_head, "forward", lambda *a: called.append(a))
+    else:
+        import recbole_mm.model.pmmrec as pm
+
+        monkeypatch.setattr(pm, "info_nce", lambda *a, **k: called.append(a))
+    torch.manual_seed(1)
+    parts = model.calculate_loss(batch)
+    index = {"nicl": 1, "nid": 2, "rcl": 3}[name]
+    assert float(parts[index]) == 0.0 and not parts[index].requires_grad and not called
+    sum(parts).backward()
+    if name == "nid":
+        assert _grad(model.nid_head) == 0
+    others = [i for i in (1, 2, 3) if i != index]
+    assert all(float(parts[i]) > 0 for i in others)  # the others still run
+
+
 def test_nicl_equals_its_formula(tiny):
     """Brute force: for each anchor (text, then image) of each slot, positives = the same item's
     other modality and the next item's two modalities; negatives = every modality vector of
