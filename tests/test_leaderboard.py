@@ -175,17 +175,16 @@ def test_cli_subprocess_cells_and_failure(tiny_root, workdir):
 def test_cell_finished_by_another_process_meanwhile_is_not_run_again(tiny_root, workdir):
     """Two leaderboard processes sharing checkpoint_dir (e.g. one per GPU): a cell that the other
     one finished after this one planned it is skipped, not run twice."""
-    kw = dict(dataset="Tiny", models="SASRec", overrides=_overrides(tiny_root), out=str(workdir / "results"),
-              isolation="subprocess")
+    kw = dict(dataset="Tiny", models="SASRec", out=str(workdir / "results"), isolation="subprocess")
     stamps = {}
 
     def log(msg):
-        if msg.startswith("[1/2]"):  # meanwhile, "another process" runs seed 2021
-            other = leaderboard(seeds="2021", log=_quiet, **kw)
+        if msg.startswith("[1/2]"):  # meanwhile, "another process" runs seed 2021 (one seed from 2021)
+            other = leaderboard(seeds=1, overrides=_overrides(tiny_root, seed=2021), log=_quiet, **kw)
             (c,) = [c for c in other["cells"] if c.status == "finished"]
             stamps[c.result_file] = os.stat(c.result_file).st_mtime_ns
 
-    res = leaderboard(seeds="2020,2021", log=log, **kw)
+    res = leaderboard(seeds="2020,2021", overrides=_overrides(tiny_root), log=log, **kw)
     first, second = res["cells"]
     assert first.status == "finished" and first.ran
     assert second.status == "skipped" and not second.ran and second.result is not None
