@@ -929,7 +929,8 @@ def main(args) -> int:
     if args.data_path:
         overrides["data_path"] = args.data_path
     argv = getattr(args, "argv", None)  # the whole command line (set by recbole_mm.cli)
-    command = "recbole-mm " + shlex.join(argv) if argv else None
+    # the command that runs the cells (a --report-only / --resume re-run shows the same)
+    command = "recbole-mm " + shlex.join([a for a in argv if a not in ("--report-only", "--resume")]) if argv else None
     try:
         res = leaderboard(args.dataset, args.models, modes=args.mode, pretrained=args.pretrained, seeds=args.seeds,
                           lm_seeds=args.lm_seeds, overrides=overrides, config_files=args.config_files, out=args.out,

@@ -230,12 +230,13 @@ def test_nicl_equals_its_formula(tiny):
     """Brute force: for each anchor (text, then image) of each slot, positives = the same item's
     other modality and the next item's two modalities; negatives = every modality vector of
     the items the anchor's user never had; absent images are neither."""
-    cfg, _, train, _ = tiny["pretrain"]
+    cfg, ds, train, _ = tiny["pretrain"]
     model = _model(cfg, train).eval()
     batch = next(iter(train))[torch.arange(10)]
     b = int(torch.nonzero(batch["item_length"] >= 2)[0])
-    batch["item_id_list"][b, 1] = 4  # an item without image (fixture: item index 3)
-    assert not bool(model.image_presence[4])
+    no_image = ds.field2token_id["item_id"]["3"]  # an item without image (fixture: item index 3)
+    batch["item_id_list"][b, 1] = no_image
+    assert not bool(model.image_presence[no_image])
     with torch.no_grad():
         view = model._view(batch)
         _, first, present = model.encode_items(view.items)

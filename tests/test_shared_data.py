@@ -11,12 +11,14 @@ pytestmark = pytest.mark.integration
 
 def test_scientific_mm_loads_validated_and_aligned(shared_data):
     config = Config("SASRec", "Scientific_mm", cmd_overrides={
-        "data_path": str(shared_data), "plm_suffix": "feat1CLS", "img_suffix": "feat3CLS", "use_gpu": False})
+        "data_path": str(shared_data), "plm_suffix": "feat1CLS", "img_suffix": "feat3CLS", "use_gpu": False,
+        "trim_batch_seq": True})
     ds = create_dataset(config)
     assert ds.item_num == 1586 and ds.user_num == 2929
     assert config["plm_size"] == 512 and config["img_size"] == 512
     raw = np.fromfile(shared_data / "Scientific_mm" / "Scientific_mm.feat3CLS", dtype="<f4").reshape(1585, 512)
-    assert np.allclose(ds.features["image"][1 + 100].numpy(), raw[100])
+    iid = ds.field2token_id["item_id"]["100"]  # internal id of item index 100 (RecBole's numbering)
+    assert np.allclose(ds.features["image"][iid].numpy(), raw[100])
     assert len(ds.item_text) == 1586 and ds.item_text[1]
     train, valid, test = data_preparation(config, ds)
     assert len(train._dataset) == 10928 and len(valid._dataset) == 2928 and len(test._dataset) == 2928
