@@ -40,13 +40,10 @@ import gc
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from contextlib import nullcontext
 from time import perf_counter
 
@@ -54,48 +51,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
 
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def cpu_s() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-def sys_s() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_stime
-
-
-def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-class RssSampler:
-    """Highest VmRSS seen while the block runs."""
-
-    def __init__(self, every=0.02):
-        self.every, self.peak, self._stop = every, 0.0, threading.Event()
-
-    def __enter__(self):
-        self.peak = rss_mb()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_mb())
-            time.sleep(self.every)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, rss_mb())
+from measure import RssSampler, cpu_s, peak_mb, rss_mb, sys_s  # noqa: E402
 
 
 def write_dataset(folder, name, n_items, n_users, dim, max_len, seed, block=100_000):

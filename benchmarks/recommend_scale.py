@@ -23,12 +23,9 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import sys
 import tempfile
-import threading
-import time
 from time import perf_counter
 
 import numpy as np
@@ -44,44 +41,7 @@ from recbole_mm.trainer.checkpoint import save_checkpoint  # noqa: E402
 from recbole_mm.utils import get_model  # noqa: E402
 
 
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def cpu_s() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-class RssSampler:
-    """Highest VmRSS seen while the block runs (sampled every ``every`` seconds)."""
-
-    def __init__(self, every=0.05):
-        self.every, self.peak, self._stop = every, 0.0, threading.Event()
-
-    def __enter__(self):
-        self.peak = rss_mb()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_mb())
-            time.sleep(self.every)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, rss_mb())
+from measure import RssSampler, cpu_s, peak_mb, rss_mb  # noqa: E402
 
 
 def write_catalogue(folder: str, name: str, n: int, dim: int, seed: int, block: int = 100_000) -> None:
@@ -143,7 +103,7 @@ def main(argv=None) -> int:
         rec.recommend(histories[:1], k=args.k, chunk_size=args.chunk_size, batch_size=args.batch_size)
         one_s, one_c = perf_counter() - t0, cpu_s() - c0
 
-        with RssSampler() as sampler:
+        with RssSampler(every=0.05) as sampler:
             t0, c0 = perf_counter(), cpu_s()
             recs = rec.recommend(histories, k=args.k, chunk_size=args.chunk_size, batch_size=args.batch_size)
             rec_s, rec_c = perf_counter() - t0, cpu_s() - c0

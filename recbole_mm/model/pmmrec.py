@@ -481,12 +481,7 @@ class PMMRec(MMSequentialRecommender):
         # -- item encoder ----------------------------------------------------------------
         if self.encoder_mode == "features":
             self.register_features(dataset, list(MODALITIES))
-            adapter, n_exps = config["feature_adapter"] or "moe", int(config["n_exps"] or 8)
-            a_drop = float(config["adaptor_dropout_prob"] or 0.0)
-            text, image = (
-                FeatureTower(getattr(self, f"{m}_features").shape[1], H, adapter, n_exps, a_drop, self._feature_mean(m))
-                for m in MODALITIES
-            )
+            text, image = (self._feature_tower(config, m) for m in MODALITIES)
         else:
             text, image = self._end_to_end_towers(config, dataset)
         if self.fusion_type == "attention":
@@ -532,9 +527,7 @@ class PMMRec(MMSequentialRecommender):
         self.image_from_features = not config["image_encoder_path"]
         if self.image_from_features:  # text end to end, image from its frozen features + adapter
             self.register_features(dataset, ["image"])
-            image = FeatureTower(self.image_features.shape[1], H, config["feature_adapter"] or "moe",
-                                 int(config["n_exps"] or 8), float(config["adaptor_dropout_prob"] or 0.0),
-                                 self._feature_mean("image"))
+            image = self._feature_tower(config, "image")
         if not self.image_from_features and dataset.item_image_files is None:
             raise ValueError(
                 "PMMRec item_encoder_mode end_to_end needs item images: set image_path to a folder holding one "
@@ -566,6 +559,12 @@ class PMMRec(MMSequentialRecommender):
         if n_missing:
             getLogger().info(f"PMMRec: {n_missing} of {present.numel() - 1} items have no readable image (masked out)")
         return text, image
+
+    def _feature_tower(self, config, modality: str) -> "FeatureTower":
+        """The trainable adapter over a modality's registered frozen features."""
+        return FeatureTower(getattr(self, f"{modality}_features").shape[1], self.hidden_size,
+                            config["feature_adapter"] or "moe", int(config["n_exps"] or 8),
+                            float(config["adaptor_dropout_prob"] or 0.0), self._feature_mean(modality))
 
     def _feature_mean(self, modality: str) -> torch.Tensor:
         feats, present = getattr(self, f"{modality}_features"), getattr(self, f"{modality}_presence")
