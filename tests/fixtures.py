@@ -138,3 +138,31 @@ def assert_reload_identical(model_cls, cfg, ds, test, res, checkpoint=None):
     trainer = MMTrainer(cfg, model, ds, run_name="reload")
     assert trainer.evaluate(test, load_best_model=True, model_file=checkpoint) == res["test"]
     return model
+
+
+def assert_steps_lower_loss_then_rank(model, batch, valid, n_items, steps=4, lr=1e-4, reseed=None):
+    """A few Adam steps on one batch lower the loss (``reseed``: the same random draws, e.g.
+    MLM masks, at every step so that the losses are comparable); then full ranking of a
+    validation batch gives finite scores over every item."""
+    import math
+
+    import torch
+
+    model.on_epoch_start(0)
+    model.train()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        if reseed is not None:
+            torch.manual_seed(reseed)
+        loss = model.calculate_loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
+    model.eval()
+    inter = next(iter(valid))[0]
+    with torch.no_grad():
+        scores = model.full_sort_predict(inter)
+    assert scores.shape == (len(inter), n_items) and torch.isfinite(scores[:, 1:]).all()

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 from conftest import quick
-from fixtures import assert_reload_identical, make_dataset, make_tiny_bert
+from fixtures import assert_reload_identical, assert_steps_lower_loss_then_rank, make_dataset, make_tiny_bert
 
 from recbole_mm.model.recformer import KEY_TYPE, VALUE_TYPE, Recformer, split_text
 from recbole_mm.quick_start import build_config, run
@@ -287,22 +287,7 @@ def test_recformer_real_minilm_on_scientific(shared_data, workdir):
         ref = bert(input_ids=tok.ids.unsqueeze(0), token_type_ids=torch.zeros_like(tok.ids).unsqueeze(0)).last_hidden_state
     torch.testing.assert_close(cls[0], ref[0, 0], atol=1e-4, rtol=1e-4)
     train, valid, _ = data_preparation(cfg, ds)
-    batch = next(iter(train))
-    model.on_epoch_start(0)
-    model.train()
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    losses = []
-    for _ in range(4):
-        loss = model.calculate_loss(batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
-    model.eval()
-    with torch.no_grad():
-        scores = model.full_sort_predict(next(iter(valid))[0])
-    assert scores.shape == (16, ds.item_num) and torch.isfinite(scores[:, 1:]).all()
+    assert_steps_lower_loss_then_rank(model, next(iter(train)), valid, ds.item_num)
 
 
 def test_bf16_precision_is_close_to_fp32_and_auto_follows_the_cpu(tiny_root, tiny_bert):
