@@ -1,7 +1,7 @@
 """RecBole 1.2.1 on today's numpy / pandas / torch / setuptools, fixed in one place.
 
 RecBole 1.2.1 (Feb 2025) is the newest release and is frozen.  On the current stack it
-breaks in five places; each fix below is small, scoped to RecBole, idempotent, and has its
+breaks in six places; each fix below is small, scoped to RecBole, idempotent, and has its
 own test in ``tests/test_compat.py``.  :func:`apply` is called on ``import recbole_mm``.
 
 1. **numpy >= 2** removed ``np.float_``/``np.unicode_``/``np.complex_``.
@@ -35,12 +35,18 @@ own test in ``tests/test_compat.py``.  :func:`apply` is called on ``import recbo
    later backward pass in the process is checked for NaN and records forward traces (slow),
    and a harmless NaN that a model masks out aborts training.  Fix: the module is imported
    here once with the process's anomaly setting restored afterwards.
+6. **Directory creation races between processes.** ``recbole.utils.ensure_dir`` checks
+   ``os.path.exists`` and then calls ``os.makedirs``: when several torchrun ranks build their
+   ``Trainer`` (or logger) at the same moment, the slower rank raises ``FileExistsError``.
+   Fix: every RecBole module that imported it gets ``os.makedirs(path, exist_ok=True)``.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
+import os
 import sys
 import types
 import warnings
@@ -160,6 +166,22 @@ def _wrap_fill_nan(original):
     return _fill_nan
 
 
+# modules that bound ``ensure_dir`` by name at import time
+_ENSURE_DIR_USERS = (
+    "recbole.utils.utils",
+    "recbole.utils",
+    "recbole.utils.logger",
+    "recbole.data.utils",
+    "recbole.data.dataset.dataset",
+    "recbole.trainer.trainer",
+)
+
+
+def ensure_dir(dir_path) -> None:
+    """RecBole's ``ensure_dir`` without the check-then-create race between processes."""
+    os.makedirs(dir_path, exist_ok=True)
+
+
 def apply() -> None:
     """Apply every fix once (idempotent)."""
     global _APPLIED
@@ -179,6 +201,10 @@ def apply() -> None:
     import recbole.model.sequential_recommender.sine  # noqa: F401  (sets anomaly detection on)
 
     torch.autograd.set_detect_anomaly(anomaly)
+    for name in _ENSURE_DIR_USERS:
+        module = importlib.import_module(name)
+        if hasattr(module, "ensure_dir"):
+            module.ensure_dir = ensure_dir
     if not isinstance(rb_trainer.torch, _TorchLoadDefaultsToFullPickle):
         rb_trainer.torch = _TorchLoadDefaultsToFullPickle(torch)
     if not isinstance(rb_dataset.pd, _PandasSeqNaNSafe):

@@ -113,3 +113,21 @@ def test_importing_recbole_models_leaves_anomaly_detection_off():
     plain = "import torch; from recbole.utils import get_model; get_model('SASRec'); print(torch.is_anomaly_enabled())"
     out = subprocess.run([sys.executable, "-c", plain], capture_output=True, text=True, timeout=300)
     assert out.stdout.split()[-1] == "True", out.stderr[-2000:]
+
+
+def test_ensure_dir_tolerates_a_directory_created_meanwhile(tmp_path, monkeypatch):
+    """Two torchrun ranks: both see 'saved' missing, the first creates it, the second must not fail."""
+    import os
+
+    import recbole.data.utils
+    import recbole.trainer.trainer
+    import recbole.utils
+    import recbole.utils.logger
+
+    target = tmp_path / "saved"
+    target.mkdir()
+    monkeypatch.setattr(os.path, "exists", lambda p: False)  # the check of the other rank's race
+    for module in (recbole.utils, recbole.utils.logger, recbole.data.utils, recbole.trainer.trainer):
+        module.ensure_dir(str(target))  # RecBole's original raises FileExistsError here
+    recbole.utils.ensure_dir(str(tmp_path / "new" / "deeper"))
+    assert (tmp_path / "new" / "deeper").is_dir()
