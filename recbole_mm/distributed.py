@@ -272,6 +272,22 @@ def gather_in_batch(*tensors: torch.Tensor, enabled: bool = True) -> tuple[list[
     return out, InBatch(sum(sizes[:me]), n, sum(sizes))
 
 
+def global_mean_weights(counts, rows: int) -> tuple[list[float], list[float]]:
+    """Weights for losses that average over other units than the batch's rows (tokens,
+    anchors): ``(weights, global_counts)``, one per entry of ``counts`` (this rank's units).
+
+    The trainer weighs each rank's loss by its share ``rows / global rows`` of the global batch
+    (a mean over rows).  ``weights[i] * (this rank's sum over its count_i units)`` is, in that
+    weighting, the global batch's mean over all ranks' units:
+    ``weights[i] = global rows / (rows * global count_i)``; 0 where no rank has a unit.  In a
+    single process: ``1 / count_i``.  Every rank must call it (one all-reduce)."""
+    local = tuple(float(c) for c in counts) + (float(rows),)
+    total = all_reduce_sum(local)
+    *count_g, rows_g = total
+    scale = rows_g / float(rows) if rows else 0.0
+    return [scale / c if c > 0 else 0.0 for c in count_g], count_g
+
+
 # --------------------------------------------------------------------------------------
 # Global batches
 

@@ -27,7 +27,7 @@ def _our_model(name: str):
 
 
 def get_model(name: str):
-    """Return the model class named ``name`` (case-insensitive for ours, RecBole's rules for RecBole's)."""
+    """Return the model class named ``name`` (case-insensitive: ``unisrec``, ``sasrec`` work too)."""
     cls = _our_model(name)
     if cls is not None:
         return cls
@@ -35,6 +35,11 @@ def get_model(name: str):
     # needs lightgbm/xgboost, just to say that a name is unknown)
     module = f"recbole.model.sequential_recommender.{name.lower()}"
     if importlib.util.find_spec(module) is not None:
+        # the class whose name matches case-insensitively ("sasrec" -> SASRec)
+        found = importlib.import_module(module)
+        for attr in dir(found):
+            if attr.lower() == name.lower() and isinstance(getattr(found, attr), type):
+                return rb_utils.get_model(attr)
         return rb_utils.get_model(name)
     known = sorted(_MODEL_MODULES)
     raise ValueError(

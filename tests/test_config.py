@@ -50,7 +50,12 @@ def test_default_props_and_data_path(tiny_root):
 def test_model_lookup():
     from recbole.model.sequential_recommender import GRU4Rec
 
+    from recbole.model.sequential_recommender import SASRec
+    from recbole_mm.model.unisrec import UniSRec
+
     assert get_model("GRU4Rec") is GRU4Rec
+    assert get_model("sasrec") is SASRec and get_model("gru4rec") is GRU4Rec  # case-insensitive
+    assert get_model("unisrec") is UniSRec and get_model("UNISREC") is UniSRec
     with pytest.raises(ValueError, match="unknown model 'NoSuchRec'"):
         get_model("NoSuchRec")
 

@@ -11,7 +11,9 @@ expert (the MoE gate's training noise then has no effect: a softmax over one exp
 SGD keeps a float-rounding difference in a gradient a difference of the same size in the
 parameters (Adam's first steps are sign-like and would amplify it for parameters with ~0
 gradients).  MISSRec adds its per-epoch k-means (rank 0, broadcast) and its batch-sum
-regulariser (weighted up with ``gamma`` so that a wrong scale would show).
+regulariser (weighted up with ``gamma`` so that a wrong scale would show).  PMMRec adds
+losses that average over tokens and anchors (not rows), candidates grouped by user over the
+global batch, and NICL keys that count each item once although it may sit on both ranks.
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ DETERMINISTIC = {
 MODEL = {
     "UniSRec": {"adaptor_dropout_prob": 0, "n_exps": 1, "learning_rate": 0.5},
     "MISSRec": {"gamma": 0.1, "learning_rate": 0.05},
+    # all four objectives; no corruption (its draws are per rank), so NID and RCL compare clean
+    # sequences but still need every rank's tokens and rows for their means and negatives
+    "PMMRec": {"n_exps": 1, "adaptor_dropout_prob": 0, "noise_ratio": 0, "fusion_inner_size": 64,
+               "nicl_temperature": 0.1, "rcl_temperature": 0.1, "learning_rate": 0.05},
 }
 
 
@@ -99,7 +105,7 @@ def _assert_close(state, reference, what):
         torch.testing.assert_close(state[name], reference[name], rtol=1e-4, atol=2e-5, msg=lambda m: f"{what}: {name}: {m}")
 
 
-@pytest.mark.parametrize("model", ["UniSRec", "MISSRec"])
+@pytest.mark.parametrize("model", ["UniSRec", "MISSRec", "PMMRec"])
 def test_two_processes_stay_in_sync_and_equal_one_process(model, tiny_root, tmp_path, single_process):
     ref_result, ref_state = single_process(model)
     rc, output, _ = _torchrun(tmp_path, tmp_path / "dump", "none", _args(tiny_root, "ddp", model))

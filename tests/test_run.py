@@ -95,6 +95,30 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path):
     assert [h["train_loss"] for h in resumed["history"]] == pytest.approx([h["train_loss"] for h in full["history"]], rel=1e-6)
 
 
+def test_resume_of_an_early_stopped_run_trains_no_further(tiny_root, workdir, monkeypatch):
+    """Early stopping ended the run: resuming from its files reports the same result, no new epoch."""
+    import recbole_mm.trainer.trainer as trainer_module
+
+    real = trainer_module.early_stopping
+
+    def stop_at_third_validation(value, best, cur_step, max_step, bigger=True):
+        best, cur_step, _, improved = real(value, best, cur_step, max_step, bigger)
+        calls.append(value)
+        return best, cur_step, len(calls) == 3, improved
+
+    calls = []
+    monkeypatch.setattr(trainer_module, "early_stopping", stop_at_third_validation)
+    over = quick(tiny_root, epochs=10, eval_step=1, run_name="stopped")
+    first = run("SASRec", "Tiny", overrides=over)
+    monkeypatch.setattr(trainer_module, "early_stopping", real)  # (undo() would also undo workdir's chdir)
+    assert len(first["history"]) == 3
+    resume = os.path.join(os.path.dirname(first["checkpoint"]), "stopped.resume.pth")
+    assert torch.load(resume, weights_only=True)["trainer"]["stopped"] is True
+    again = run("SASRec", "Tiny", resume=resume, overrides=over)
+    assert len(again["history"]) == len(first["history"]) and again["best_epoch"] == first["best_epoch"]
+    assert again["test"] == first["test"]
+
+
 @pytest.mark.parametrize("model", ["GRU4Rec", "BERT4Rec", "NARM", "Caser", "FDSA", "LightSANs"])
 def test_recbole_baselines_run_through_our_cli(model, tiny_root, workdir):
     result = run(model, "Tiny", overrides=quick(tiny_root, epochs=1))

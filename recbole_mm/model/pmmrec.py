@@ -53,7 +53,10 @@ Pre-training (``train_stage: pretrain``) adds, each with its weight:
   negatives, same-target ones removed), ``tau = rcl_temperature``.
 
 ``L = L_rec + nicl_weight L_NICL + nid_weight L_NID + rcl_weight L_RCL`` (returned as a tuple:
-the trainer logs each part).  Fine-tuning (``inductive_ft``) uses ``L_rec`` only;
+the trainer logs each part).  Distributed (``gather_negatives``, default on), every loss is the
+global batch's: candidates, keys and negatives are gathered from every rank, a user's own items
+are collected over the global batch, and each mean runs over every rank's tokens, anchors or
+rows, so 2 processes train as 1 (``tests/test_distributed.py``).  Fine-tuning (``inductive_ft``) uses ``L_rec`` only;
 ``transductive_ft`` adds an item ID embedding to every item vector (our extension: PMMRec is
 ID-free).
 
@@ -98,6 +101,7 @@ from __future__ import annotations
 import json
 import os
 from logging import getLogger
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -106,6 +110,7 @@ import torch.nn.functional as F
 from recbole.model.layers import TransformerEncoder
 from torch import nn
 
+from recbole_mm.distributed import gather_in_batch, global_mean_weights
 from recbole_mm.model.abstract import MMSequentialRecommender
 from recbole_mm.model.layers import MoEAdaptor, Packing, PWLayer, info_nce, packed_encoder, same_target_mask
 
@@ -418,12 +423,14 @@ class UserEncoder(nn.Module):
 
 class _BatchView:
     """A training batch in item space: its distinct items ``items [U]`` (sorted), every packed
-    token and target as an index into them, the next item of every token, each row's own
-    items ``own [B, U]`` (all items of the rows of the same user) and the slot counts."""
+    token and target as an index into them, the next item of every token, the slot counts and,
+    for the ownership masks, each slot's ``(user, item)`` key (see :class:`_Columns`)."""
 
     def __init__(self, item_seq, lengths, targets, users=None):
         B, L = item_seq.shape
         self.packing = Packing(lengths, L)
+        self.targets = targets
+        self.users = users
         tok = self.packing.pack(item_seq)
         self.owner = torch.div(self.packing.flat, L, rounding_mode="floor")  # packed token -> row
         slots = torch.cat([tok, targets])
@@ -433,16 +440,20 @@ class _BatchView:
         nxt = torch.cat([item_seq[:, 1:], item_seq.new_zeros(B, 1)], dim=1)
         nxt = nxt.scatter(1, (self.packing.lengths - 1).unsqueeze(1), targets.unsqueeze(1))
         self.next = torch.searchsorted(self.items, self.packing.pack(nxt))
-        U = self.items.numel()
-        self.count = torch.bincount(inv, minlength=U).to(torch.float32)
-        row_of_slot = torch.cat([self.owner, torch.arange(B, device=item_seq.device)])
-        if users is not None:  # rows of one user share their items
-            _, group = torch.unique(users, return_inverse=True)
-        else:
-            group = torch.arange(B, device=item_seq.device)
-        own = torch.zeros(int(group.max()) + 1, U, dtype=torch.bool, device=item_seq.device)
-        own[group[row_of_slot], inv] = True
-        self.own = own[group]
+        self.count = torch.bincount(inv, minlength=self.items.numel()).to(torch.float32)
+        self.slot_row = torch.cat([self.owner, torch.arange(B, device=item_seq.device)])
+        self.slot_item = slots
+
+
+class _Columns(NamedTuple):
+    """The candidates of the in-batch losses: the distinct items of the *global* batch, rank by
+    rank (distributed: every rank's columns gathered, so an item may have a column on several
+    ranks; one process: exactly ``_BatchView.items``), this rank's ``U`` columns at ``offset``."""
+
+    items: torch.Tensor  # [C] item ids
+    offset: int
+    own: torch.Tensor  # [B, C]: the column's item is one of the row's user's items, anywhere in the global batch
+    first: torch.Tensor  # [C]: the one column kept per item where each item must count once (this rank's own first)
 
 
 class PMMRec(MMSequentialRecommender):
@@ -639,22 +650,65 @@ class PMMRec(MMSequentialRecommender):
         users = interaction[self.USER_ID] if self.USER_ID in interaction.interaction else None
         return _BatchView(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN], interaction[self.POS_ITEM_ID], users)
 
-    def rec_loss(self, out, view: _BatchView, emb, rows, labels):
-        """In-batch softmax of queries ``out [Q, H]`` (of ``rows [Q]``) over the batch's items
-        ``emb [U, H]``, label ``labels [Q]`` (indices into the batch's items).
+    def _columns(self, view: _BatchView, *per_item: torch.Tensor) -> tuple[_Columns, list[torch.Tensor]]:
+        """The global batch's candidate columns and ``per_item`` (``[U, ...]`` tensors of this
+        rank's distinct items) gathered over them (gradients flow back to their rank).
 
-        Each distinct item is scored once with ``+ log(count)`` (the released code scores every
-        slot: the same softmax); the positive counts once; the row's other own items leave the
-        softmax; ``- log pop`` when ``pop_correction``.
-        """
+        Ownership is decided over the global batch: a row's user owns every item of every row of
+        the same user on any rank (without user ids: of the row itself)."""
+        gathered, place = gather_in_batch(view.items, *per_item, enabled=self.gather_negatives)
+        items = gathered[0]
+        B = view.packing.batch
+        dev = items.device
+        if view.users is not None:
+            group = view.users
+        else:  # global row index
+            (_,), rows = gather_in_batch(view.targets, enabled=self.gather_negatives)
+            group = torch.arange(B, device=dev) + rows.offset
+        n = int(self.n_items)
+        (keys,), _ = gather_in_batch(group.index_select(0, view.slot_row) * n + view.slot_item, enabled=self.gather_negatives)
+        own = torch.isin(group.unsqueeze(1) * n + items.unsqueeze(0), keys)
+        C = items.numel()
+        pos = torch.arange(C, device=dev)
+        mine = (pos >= place.offset) & (pos < place.offset + place.local)
+        score = pos + C * (~mine).long()
+        _, inv = torch.unique(items, return_inverse=True)
+        best = torch.full((C,), 2 * C, dtype=torch.long, device=dev).scatter_reduce(0, inv, score, "amin")
+        return _Columns(items, place.offset, own, score == best.index_select(0, inv)), gathered[1:]
+
+    def _rec_terms(self, out, view: _BatchView, cols: _Columns, emb, log_count, rows, labels):
+        """Sum over the queries ``out [Q, H]`` (of ``rows [Q]``) of the in-batch softmax loss
+        over the columns (``emb [C, H]``, ``log_count [C]``: log slot count on the column's
+        rank), labels ``labels [Q]`` (indices into this rank's items); returns ``(sum, Q)``.
+
+        Each distinct item is scored once per rank with ``+ log(count)`` (the released code
+        scores every slot: the same softmax, also across ranks); the positive counts once; the
+        row's user's other items leave the softmax; ``- log pop`` when ``pop_correction``."""
         logits = out @ emb.T
-        log_count = view.count.log()
-        bias = log_count - self.log_pop.index_select(0, view.items) if self.pop_correction else log_count
+        bias = log_count - self.log_pop.index_select(0, cols.items) if self.pop_correction else log_count
         logits = logits + bias
-        lab = labels.unsqueeze(1)
-        logits = logits.scatter_add(1, lab, -log_count.index_select(0, labels).unsqueeze(1))
-        mask = view.own.index_select(0, rows).scatter(1, lab, False)
-        return F.cross_entropy(logits.masked_fill(mask, float("-inf")), labels)
+        lab = (labels + cols.offset).unsqueeze(1)
+        logits = logits.scatter_add(1, lab, -view.count.log().index_select(0, labels).unsqueeze(1))
+        mask = cols.own.index_select(0, rows).scatter(1, lab, False)
+        loss = F.cross_entropy(logits.masked_fill(mask, float("-inf")), lab.squeeze(1), reduction="sum")
+        return loss, labels.numel()
+
+    def _rec_queries(self, view: _BatchView, out, last_only: bool):
+        """``(queries, rows, labels)`` of the recommendation loss: every position
+        (``loss_positions: all``) or the last one.  ``out``: the user encoder's output at every
+        token, or (``last_only``) at each row's last one."""
+        if self.loss_positions == "all":
+            return out, view.owner, view.next
+        last = out if last_only else out.index_select(0, view.packing.last)
+        return last, torch.arange(view.packing.batch, device=out.device), view.tgt
+
+    def rec_loss(self, out, view: _BatchView, emb, rows, labels):
+        """The recommendation loss: mean over the (global batch's) queries of
+        :meth:`_rec_terms`, ``emb [U, H]`` this rank's item vectors."""
+        cols, (emb_g, log_count) = self._columns(view, emb, view.count.log())
+        total, n = self._rec_terms(out, view, cols, emb_g, log_count, rows, labels)
+        (w,), _ = global_mean_weights([n], view.packing.batch)
+        return total * w
 
     def calculate_loss(self, interaction):
         if self.train_stage == "pretrain":
@@ -663,42 +717,52 @@ class PMMRec(MMSequentialRecommender):
                     self.rcl_weight * losses["rcl"])
         view = self._view(interaction)
         emb = self.encode_items(view.items)[0]
-        x = emb.index_select(0, view.tok)
-        if self.loss_positions == "all":
-            out = self.user_encoder(x, view.packing, last_only=False)
-            return self.rec_loss(out, view, emb, view.owner, view.next)
-        out = self.user_encoder(x, view.packing, last_only=True)
-        return self.rec_loss(out, view, emb, torch.arange(out.size(0), device=out.device), view.tgt)
+        out = self.user_encoder(emb.index_select(0, view.tok), view.packing, last_only=self.loss_positions == "last")
+        queries, rows, labels = self._rec_queries(view, out, last_only=self.loss_positions == "last")
+        return self.rec_loss(queries, view, emb, rows, labels)
 
     # -- pre-training ---------------------------------------------------------------------------
     def pretrain_losses(self, interaction) -> dict:
         """Unweighted ``{"rec", "nicl", "nid", "rcl"}`` of one batch (only the ones with a
-        positive weight are computed; the others are 0)."""
+        positive weight are computed; the others are 0).  Each is the global batch's mean:
+        distributed, the candidates, negatives and ownership come from every rank and each mean
+        is over every rank's queries (tokens, anchors, rows)."""
         view = self._view(interaction)
         emb, first, present = self.encode_items(view.items)
-        x = emb.index_select(0, view.tok)
-        out = self.user_encoder(x, view.packing, last_only=False)
-        if self.loss_positions == "all":
-            rec = self.rec_loss(out, view, emb, view.owner, view.next)
-        else:
-            rec = self.rec_loss(out.index_select(0, view.packing.last), view, emb,
-                                torch.arange(view.packing.batch, device=out.device), view.tgt)
+        out = self.user_encoder(emb.index_select(0, view.tok), view.packing, last_only=False)
+        per_item = [emb, view.count.log()]
+        if self.nicl_weight > 0:
+            per_item += [F.normalize(first[m], dim=-1) for m in MODALITIES]
+            per_item += [present[m].to(emb.dtype) for m in MODALITIES]
+        cols, gathered = self._columns(view, *per_item)
+        queries, rows, labels = self._rec_queries(view, out, last_only=False)
+        rec_sum, rec_n = self._rec_terms(queries, view, cols, gathered[0], gathered[1], rows, labels)
         zero = out.new_zeros(())
-        nicl = self.nicl_loss(view, first, present) if self.nicl_weight > 0 else zero
-        nid = rcl = zero
+        nicl_sums, nicl_n = [zero, zero], [0, 0]
+        if self.nicl_weight > 0:
+            nicl_sums, nicl_n = self._nicl_terms(view, cols, *gathered[2:])
+        nid_sum, nid_n, rcl = zero, 0, zero
         if self.nid_weight > 0 or self.rcl_weight > 0:
             noisy, label = self.corrupt(view)
             noisy_out = self.user_encoder(emb.index_select(0, noisy), view.packing, last_only=False)
             if self.nid_weight > 0:
                 keep = view.packing.positions > 0  # the first item has no context to be judged by
-                if bool(keep.any()):
-                    logit = self.nid_head(noisy_out[keep]).squeeze(-1)
-                    nid = F.binary_cross_entropy_with_logits(logit, label[keep].to(logit.dtype))
+                logit = self.nid_head(noisy_out[keep]).squeeze(-1)
+                nid_sum = F.binary_cross_entropy_with_logits(logit, label[keep].to(logit.dtype), reduction="sum")
+                nid_n = int(keep.sum())
             if self.rcl_weight > 0:
                 last = view.packing.last
-                same = same_target_mask(interaction[self.POS_ITEM_ID])
-                rcl = info_nce(out.index_select(0, last), noisy_out.index_select(0, last), self.rcl_temperature, same)
-        return {"rec": rec, "nicl": nicl, "nid": nid, "rcl": rcl}
+                (keys, all_targets), place = gather_in_batch(noisy_out.index_select(0, last), view.targets,
+                                                             enabled=self.gather_negatives)
+                same = same_target_mask(view.targets, all_targets, place.offset)
+                rcl = info_nce(out.index_select(0, last), keys, self.rcl_temperature, same, offset=place.offset)
+        w, n_global = global_mean_weights([rec_n, *nicl_n, nid_n], view.packing.batch)
+        nicl = zero
+        sides = [i for i in (0, 1) if n_global[1 + i] > 0]
+        if self.nicl_weight > 0 and sides:
+            nicl = sum(nicl_sums[i] * w[1 + i] for i in sides) / len(sides)
+        nid = nid_sum * w[3] if self.nid_weight > 0 else zero
+        return {"rec": rec_sum * w[0], "nicl": nicl, "nid": nid, "rcl": rcl}
 
     def corrupt(self, view: _BatchView):
         """Noised copy of the batch's packed tokens (indices into the batch's items) and the
@@ -726,44 +790,61 @@ class PMMRec(MMSequentialRecommender):
         return noisy_tok, label
 
     def nicl_loss(self, view: _BatchView, first: dict, present: dict) -> torch.Tensor:
-        """Next-item enhanced cross-modal InfoNCE over every item slot of the batch (tokens and
-        targets) as anchor, both modalities, averaged over the two anchor modalities."""
+        """NICL of one batch: the global batch's mean over anchors of each anchor modality
+        (:meth:`_nicl_terms`), averaged over the modalities that have anchors."""
+        vecs = [F.normalize(first[m], dim=-1) for m in MODALITIES]
+        flags = [present[m].to(vecs[0].dtype) for m in MODALITIES]
+        cols, gathered = self._columns(view, *vecs, *flags)
+        sums, counts = self._nicl_terms(view, cols, *gathered)
+        w, n_global = global_mean_weights(counts, view.packing.batch)
+        sides = [i for i in (0, 1) if n_global[i] > 0]
+        if not sides:
+            return sums[0] * 0.0
+        return sum(sums[i] * w[i] for i in sides) / len(sides)
+
+    def _nicl_terms(self, view: _BatchView, cols: _Columns, text, image, text_present, image_present):
+        """Next-item enhanced cross-modal InfoNCE with every item slot of this rank (tokens and
+        targets) as anchor, per anchor modality: ``([sum_text, sum_image], [n_text, n_image])``.
+
+        ``text``/``image [C, H]``: L2-normalised modality vectors of the columns; each item is
+        one key per modality (``cols.first``: an item on several ranks counts once)."""
         U = view.items.numel()
+        off = cols.offset
         dev = view.items.device
-        vecs = {m: F.normalize(first[m], dim=-1) for m in MODALITIES}
-        keys = torch.cat([vecs["text"], vecs["image"]])  # [2U, H]: text columns, then image columns
-        col_present = torch.cat([present["text"], present["image"]])
+        C = cols.items.numel()
+        keys = torch.cat([text, image])  # [2C]: text columns, then image columns
+        col_ok = torch.cat([text_present > 0, image_present > 0]) & torch.cat([cols.first, cols.first])
+        vecs = {"text": text[off : off + U], "image": image[off : off + U]}
+        present = {"text": text_present[off : off + U] > 0, "image": image_present[off : off + U] > 0}
         anchor = torch.cat([view.tok, view.tgt])
         nxt = torch.cat([view.next, view.tok.new_full((view.tgt.numel(),), -1)])  # targets: no next item here
         rows = torch.cat([view.owner, torch.arange(view.packing.batch, device=dev)])
-        own = view.own.index_select(0, rows)
-        own2 = torch.cat([own, own], dim=1)  # [A, 2U]: the user's own items in both modalities
+        own = cols.own.index_select(0, rows)
+        own2 = torch.cat([own, own], dim=1)  # [A, 2C]: the user's own items in both modalities
         has_next = nxt >= 0
-        nxt_c = nxt.clamp_min(0)
-        losses = []
+        nxt_c = nxt.clamp_min(0) + off
+        col = anchor + off
+        ar = torch.arange(anchor.numel(), device=dev)
+        sums, counts = [], []
         for side, other in ((0, 1), (1, 0)):
             m = MODALITIES[side]
             ok = present[m].index_select(0, anchor)
-            q = vecs[m].index_select(0, anchor)
-            logits = q @ keys.T / self.nicl_temperature  # [A, 2U]
             pos = torch.zeros_like(own2)
-            ar = torch.arange(anchor.numel(), device=dev)
-            pos[ar, other * U + anchor] = True  # the same item in the other modality
+            pos[ar, other * C + col] = True  # the same item in the other modality
             pos[ar[has_next], nxt_c[has_next]] = True  # the next item, text
-            pos[ar[has_next], U + nxt_c[has_next]] = True  # the next item, image
-            pos[ar, side * U + anchor] = False  # never the anchor itself
-            pos &= col_present.unsqueeze(0)
-            denominator = pos | (~own2 & col_present.unsqueeze(0))
+            pos[ar[has_next], C + nxt_c[has_next]] = True  # the next item, image
+            pos[ar, side * C + col] = False  # never the anchor itself
+            pos &= col_ok.unsqueeze(0)
             ok = ok & pos.any(1)
-            if not bool(ok.any()):
-                continue
-            logits, pos, denominator = logits[ok], pos[ok], denominator[ok]
+            q = vecs[m].index_select(0, anchor[ok])
+            logits = q @ keys.T / self.nicl_temperature  # [A_ok, 2C]
+            pos = pos[ok]
+            denominator = pos | (~own2[ok] & col_ok.unsqueeze(0))
             num = logits.masked_fill(~pos, float("-inf")).logsumexp(1)
             den = logits.masked_fill(~denominator, float("-inf")).logsumexp(1)
-            losses.append((den - num).mean())
-        if not losses:
-            return keys.sum() * 0.0
-        return sum(losses) / len(losses)
+            sums.append((den - num).sum())
+            counts.append(int(ok.sum()))
+        return sums, counts
 
     # -- transfer ---------------------------------------------------------------------------------
     def transferred_prefixes(self) -> tuple[str, ...]:

@@ -153,7 +153,7 @@ class MMTrainer(Trainer):
             if saved and self.save_step and (epoch + 1) % int(self.save_step) == 0:
                 self._save_checkpoint(epoch, verbose=verbose, saved_model_file=self._numbered_file(epoch + 1))
             if saved:
-                self._save_resume_state(epoch)
+                self._save_resume_state(epoch, stopped=bool(stop))
             distributed.barrier()  # rank 0 has written this epoch's checkpoints
             if stop:
                 if verbose:
@@ -186,7 +186,7 @@ class MMTrainer(Trainer):
         if verbose:
             self.logger.info(set_color("Saving current", "blue") + f": {path}")
 
-    def _save_resume_state(self, epoch):
+    def _save_resume_state(self, epoch, stopped=False):
         generator = getattr(self._train_loader, "generator", None)
         rngs = distributed.gather_objects(capture_rng(generator))  # every rank's (collective)
         if not distributed.is_main():
@@ -194,6 +194,7 @@ class MMTrainer(Trainer):
         payload = self._payload(epoch)
         payload["trainer"] = {
             "cur_step": self.cur_step,
+            "stopped": stopped,  # early stopping ended the run here: a resume trains no further
             "best_valid_score": float(self.best_valid_score),
             "history": to_plain(self.history),
             "saved_model_file": self.saved_model_file,
@@ -239,6 +240,11 @@ class MMTrainer(Trainer):
                 torch.manual_seed(int(self.config["seed"]) + 7919 * rank + self.start_epoch)
             self.logger.warning(f"{resume_file}: written by {len(per_rank)} process(es), resumed by {world}: "
                                 "the data order is kept, random draws (dropout) differ from an uninterrupted run")
+        if state.get("stopped", False):
+            self.start_epoch = max(self.start_epoch, self.epochs)
+            self.logger.info(f"{resume_file}: the run stopped early after epoch {ckpt['epoch']} "
+                             f"(best epoch {self.best_epoch}); nothing left to train")
+            return
         self.logger.info(f"Checkpoint loaded. Resume training from epoch {self.start_epoch}")
 
     # -- evaluation --------------------------------------------------------------------
