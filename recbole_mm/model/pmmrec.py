@@ -456,6 +456,15 @@ class _Columns(NamedTuple):
     first: torch.Tensor  # [C]: the one column kept per item where each item must count once (this rank's own first)
 
 
+def _mean_over_sides(sums, weights, global_counts) -> torch.Tensor:
+    """NICL: each anchor modality's global mean (``sum * weight``, see
+    ``distributed.global_mean_weights``), averaged over the modalities that have anchors."""
+    sides = [i for i, n in enumerate(global_counts) if n > 0]
+    if not sides:
+        return sums[0] * 0.0
+    return sum(sums[i] * weights[i] for i in sides) / len(sides)
+
+
 class PMMRec(MMSequentialRecommender):
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -688,7 +697,7 @@ class PMMRec(MMSequentialRecommender):
         bias = log_count - self.log_pop.index_select(0, cols.items) if self.pop_correction else log_count
         logits = logits + bias
         lab = (labels + cols.offset).unsqueeze(1)
-        logits = logits.scatter_add(1, lab, -view.count.log().index_select(0, labels).unsqueeze(1))
+        logits = logits.scatter_add(1, lab, -log_count.index_select(0, lab.squeeze(1)).unsqueeze(1))
         mask = cols.own.index_select(0, rows).scatter(1, lab, False)
         loss = F.cross_entropy(logits.masked_fill(mask, float("-inf")), lab.squeeze(1), reduction="sum")
         return loss, labels.numel()
@@ -757,10 +766,7 @@ class PMMRec(MMSequentialRecommender):
                 same = same_target_mask(view.targets, all_targets, place.offset)
                 rcl = info_nce(out.index_select(0, last), keys, self.rcl_temperature, same, offset=place.offset)
         w, n_global = global_mean_weights([rec_n, *nicl_n, nid_n], view.packing.batch)
-        nicl = zero
-        sides = [i for i in (0, 1) if n_global[1 + i] > 0]
-        if self.nicl_weight > 0 and sides:
-            nicl = sum(nicl_sums[i] * w[1 + i] for i in sides) / len(sides)
+        nicl = _mean_over_sides(nicl_sums, w[1:3], n_global[1:3]) if self.nicl_weight > 0 else zero
         nid = nid_sum * w[3] if self.nid_weight > 0 else zero
         return {"rec": rec_sum * w[0], "nicl": nicl, "nid": nid, "rcl": rcl}
 
@@ -797,10 +803,7 @@ class PMMRec(MMSequentialRecommender):
         cols, gathered = self._columns(view, *vecs, *flags)
         sums, counts = self._nicl_terms(view, cols, *gathered)
         w, n_global = global_mean_weights(counts, view.packing.batch)
-        sides = [i for i in (0, 1) if n_global[i] > 0]
-        if not sides:
-            return sums[0] * 0.0
-        return sum(sums[i] * w[i] for i in sides) / len(sides)
+        return _mean_over_sides(sums, w, n_global)
 
     def _nicl_terms(self, view: _BatchView, cols: _Columns, text, image, text_present, image_present):
         """Next-item enhanced cross-modal InfoNCE with every item slot of this rank (tokens and
