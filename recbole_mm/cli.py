@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     from recbole_mm.leaderboard import register as add_leaderboard
 
     add_leaderboard(sub)  # leaderboard
+
+    from recbole_mm.transfer import register as add_transfer
+
+    add_transfer(sub)  # transfer
     return parser
 
 

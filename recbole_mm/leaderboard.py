@@ -96,6 +96,8 @@ class Cell:
     resumed: bool = False
     seconds: float | None = None    # wall time of this invocation's attempt
     child_peak_rss_mb: float | None = None
+    stage: str = "finetune"         # finetune | pretrain (recbole-mm transfer's pre-training cells)
+    dataset: str | None = None      # the cell's own dataset (transfer: targets and corpus); None: the command's
 
     @property
     def row_key(self):
@@ -306,7 +308,9 @@ def finished_result(cell: Cell) -> dict | None:
     if not cell.run_name:
         return None
     res = _read_json(cell.result_file)
-    if not res or res.get("test") is None or (res.get("config") or {}).get("run_name") != cell.run_name:
+    if not res or (res.get("config") or {}).get("run_name") != cell.run_name:
+        return None
+    if res.get("test") is None and cell.stage != "pretrain":  # pre-training has no test split
         return None
     return res
 
@@ -325,7 +329,7 @@ def run_cell(spec_file: str) -> int:
     try:
         from recbole_mm.quick_start import run
 
-        run(spec["model"], spec["dataset"], "finetune", mode=spec["mode"], pretrained=spec["pretrained"],
+        run(spec["model"], spec["dataset"], spec.get("stage", "finetune"), mode=spec["mode"], pretrained=spec["pretrained"],
             resume=spec["resume"], config_files=spec["config_files"], overrides=spec["overrides"])
     except BaseException as e:  # noqa: BLE001 - every failure is the cell's result
         traceback.print_exc()
@@ -389,13 +393,59 @@ def _tail(path, n=3000):
         return ""
 
 
+def claim(cell: Cell) -> bool:
+    """Take the cell for this process (``<run>.claim`` created exclusively, holding our pid), so
+    that two leaderboard / transfer processes sharing checkpoint_dir never run the same cell at
+    once; False when a live process holds it.  A claim left by a dead process is taken over."""
+    path = cell._file(".claim")
+    os.makedirs(cell.checkpoint_dir, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    pid = int(f.read().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and _alive(pid):
+                return False
+            try:
+                os.unlink(path)  # stale: its process is gone
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
+def release(cell: Cell) -> None:
+    try:
+        os.unlink(cell._file(".claim"))
+    except FileNotFoundError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def execute(cell: Cell, dataset, config_files, resume: bool, isolation: str, timeout, say) -> None:
     """Run (or resume) one cell in its own process and fill in its status/result/error."""
     resume_from = cell.resume_file if resume and os.path.isfile(cell.resume_file) else None
     if os.path.isfile(cell.resume_file) and not resume_from:
         say(f"  {cell.run_name}: a previous attempt left {os.path.basename(cell.resume_file)}; starting again "
             "(--resume continues from it)")
-    spec = {"model": cell.model, "dataset": dataset, "mode": cell.mode, "pretrained": cell.pretrained,
+    spec = {"model": cell.model, "dataset": cell.dataset or dataset, "stage": cell.stage, "mode": cell.mode,
+            "pretrained": cell.pretrained,
             "resume": resume_from, "config_files": config_files, "overrides": cell.overrides,
             "error_file": cell.error_file}
     os.makedirs(cell.checkpoint_dir, exist_ok=True)
@@ -579,10 +629,26 @@ def write_report(dataset, cells, notes, out, command=None, seeds_desc="", lm_see
 
 
 def _atomic_text(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """Write ``text`` to ``path`` through a uniquely named temporary file in the same folder
+    (concurrent leaderboard / transfer processes rewrite the same report)."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _rows_csv(rows, keys) -> str:
@@ -786,7 +852,7 @@ def write_chart(dataset, rows, keys, path) -> bool:
         ax2.legend(fontsize=7, loc="lower right")
     ax2.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
+    tmp = f"{path}.{os.getpid()}.tmp.png"
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
@@ -835,8 +901,15 @@ def leaderboard(dataset, models, modes=None, pretrained=None, seeds=3, lm_seeds=
                 c.status, c.result = "skipped", res
                 log(f"[{i}/{len(todo)}] {c.label}: finished meanwhile by another process, skipped")
                 continue
+            if not claim(c):
+                c.status = "pending"
+                log(f"[{i}/{len(todo)}] {c.label}: being run by another process, skipped")
+                continue
             log(f"[{i}/{len(todo)}] {c.label} -> {c.run_name}")
-            execute(c, dataset, config_files, resume, isolation, timeout, log)
+            try:
+                execute(c, dataset, config_files, resume, isolation, timeout, log)
+            finally:
+                release(c)
             log(f"  {c.status} in {c.seconds:.1f} s" + (f": {c.error}" if c.error else
                 "" if not c.result else f": test {_headline(c.result)}"))
             report()  # after every cell, so that an interruption keeps what is done

@@ -112,9 +112,17 @@ def _run(config, stage, mode, pretrained, resume, saved, t_start):
         trainer.resume_checkpoint(resume, train_data)
 
     show = bool(config["show_progress"]) and distributed.is_main()  # one progress bar per job
-    trainer.fit(train_data, valid_data, saved=saved, show_progress=show)
+    trained = int(config["epochs"]) > 0
+    if trained:
+        trainer.fit(train_data, valid_data, saved=saved, show_progress=show)
+    else:  # epochs=0: evaluate the weights as they are (zero-shot after -p, or an untrained control)
+        logger.info("epochs=0: no training; evaluating the " + ("pre-trained" if pretrained_state else "initial")
+                    + " weights")
+        trainer.best_valid_result = trainer.evaluate(valid_data, load_best_model=False) if valid_data else None
+        if saved:
+            trainer._save_checkpoint(-1, verbose=False)
     t_eval = perf_counter()
-    test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=show) if test_data else None
+    test_result = trainer.evaluate(test_data, load_best_model=saved and trained, show_progress=show) if test_data else None
     eval_seconds = perf_counter() - t_eval
 
     train_secs = [h["train_seconds"] for h in trainer.history]
@@ -126,6 +134,9 @@ def _run(config, stage, mode, pretrained, resume, saved, t_start):
         "checkpoint": trainer.saved_model_file if saved else None,
         "pretrained": pretrained,
         "best_epoch": trainer.best_epoch,
+        "steps": trainer.global_step,
+        "best_step": trainer.best_step,
+        "train_fraction": getattr(ds, "train_fraction_info", None),
         "valid": trainer.best_valid_result,
         "test": test_result,
         "timings": {

@@ -166,6 +166,8 @@ class MMSequentialDataset(SequentialDataset):
                     read_presplit_inter(path, item_vocab(d), user_vocab(d), max_len)
                 )
             df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+            if split == self.benchmark_filename_list[0]:
+                df = self._train_users_subset(df, uid, path)
             parts.append(df)
             sizes.append(len(df))
         self.inter_feat = pd.concat(parts, ignore_index=True)
@@ -179,6 +181,36 @@ class MMSequentialDataset(SequentialDataset):
             self._set_premapped([iid, list_field], self._item_tokens)
         if self._user_vocab is not None:
             self._set_premapped([uid], self._user_tokens)
+
+    def _train_users_subset(self, df: pd.DataFrame, uid: str, path: str) -> pd.DataFrame:
+        """``train_fraction`` < 1: every training row of a seeded subset of the training users
+        (``round(fraction x users)``, at least 1), the others' training rows dropped; valid and
+        test untouched (the low-resource protocol of Recformer).  The subset is drawn with
+        ``train_fraction_seed`` (default: ``seed``) from the users in sorted order, so it does
+        not depend on the file's row order, and a scratch and a pre-trained run with the same
+        seed see the same users."""
+        fraction = self.config["train_fraction"]
+        if fraction is None:
+            return df
+        try:
+            fraction = float(fraction)
+        except (TypeError, ValueError):
+            fraction = float("nan")
+        if not 0.0 < fraction <= 1.0:
+            raise DataValidationError(f"train_fraction must be in (0, 1], got {self.config['train_fraction']!r}")
+        if fraction == 1.0:
+            return df
+        seed = self.config["train_fraction_seed"]
+        seed = int(self.config["seed"] if seed is None else seed)
+        users = np.sort(pd.unique(df[uid].to_numpy()))
+        n_keep = max(1, int(round(fraction * len(users))))
+        keep = np.random.default_rng(seed).permutation(len(users))[:n_keep]
+        kept = df[df[uid].isin(users[keep])].reset_index(drop=True)
+        self.train_fraction_info = {"fraction": fraction, "seed": seed, "users": int(n_keep),
+                                    "of_users": int(len(users)), "rows": int(len(kept)), "of_rows": int(len(df))}
+        self.logger.info(f"{path}: train_fraction {fraction:g} (seed {seed}): {n_keep:,} of {len(users):,} "
+                         f"training users, {len(kept):,} of {len(df):,} rows")
+        return kept
 
     @staticmethod
     def _prefixed_vocab(vocab):

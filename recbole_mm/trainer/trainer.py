@@ -50,6 +50,9 @@ class MMTrainer(Trainer):
         self.result_file = base + ".json"
         self.save_step = config["save_step"] if config["run_stage"] == "pretrain" else None
         self.best_epoch = None
+        self.global_step = 0  # optimiser steps so far
+        self.best_step = None
+        self.min_steps = int(config["stopping_min_steps"] or 0)
         self.history: list[dict] = []  # one entry per epoch: loss, seconds, validation
         self._train_loader = None
         self.ddp = distributed.wrap_model(  # None in a single process
@@ -100,6 +103,7 @@ class MMTrainer(Trainer):
                 clip_grad_norm_(self.model.parameters(), **self.clip_grad_norm)
             scaler.step(self.optimizer)
             scaler.update()
+            self.global_step += 1
         return distributed.all_reduce_sum(total)  # the global batches' losses
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
@@ -119,7 +123,8 @@ class MMTrainer(Trainer):
             t0 = perf_counter()
             loss = self._train_epoch(train_data, epoch, show_progress=show_progress)
             train_s = perf_counter() - t0
-            record = {"epoch": epoch, "train_loss": sum(loss) if isinstance(loss, tuple) else loss, "train_seconds": train_s}
+            record = {"epoch": epoch, "train_loss": sum(loss) if isinstance(loss, tuple) else loss, "train_seconds": train_s,
+                      "steps": self.global_step}
             if hook_s is not None:
                 record["epoch_start_seconds"] = hook_s
                 if verbose:
@@ -134,6 +139,8 @@ class MMTrainer(Trainer):
                 self.best_valid_score, self.cur_step, stop, improved = early_stopping(
                     score, self.best_valid_score, self.cur_step, max_step=self.stopping_step, bigger=self.valid_metric_bigger
                 )
+                # stopping_min_steps: the run goes on (patience still counted) until that many steps
+                stop = stop and self.global_step >= self.min_steps
                 if verbose:
                     self.logger.info(
                         set_color("epoch %d evaluating", "green") % epoch
@@ -141,13 +148,13 @@ class MMTrainer(Trainer):
                     )
                     self.logger.info(set_color("valid result", "blue") + ": " + _fmt(result))
                 if improved:
-                    self.best_valid_result, self.best_epoch = result, epoch
+                    self.best_valid_result, self.best_epoch, self.best_step = result, epoch, self.global_step
                     if saved:
                         self._save_checkpoint(epoch, verbose=verbose)
                 if callback_fn:
                     callback_fn(epoch, score)
             elif valid_data is None and saved:
-                self.best_epoch = epoch
+                self.best_epoch, self.best_step = epoch, self.global_step
                 self._save_checkpoint(epoch, verbose=verbose)
             self.history.append(record)
             if saved and self.save_step and (epoch + 1) % int(self.save_step) == 0:
@@ -174,7 +181,8 @@ class MMTrainer(Trainer):
             "config": config_to_plain(self.config),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": None,
-            "metrics": to_plain({"valid": self.best_valid_result, "best_epoch": self.best_epoch}),
+            "metrics": to_plain({"valid": self.best_valid_result, "best_epoch": self.best_epoch,
+                                 "best_step": self.best_step}),
             "item_tokens": self.item_tokens,
         }
 
@@ -194,6 +202,7 @@ class MMTrainer(Trainer):
         payload = self._payload(epoch)
         payload["trainer"] = {
             "cur_step": self.cur_step,
+            "global_step": self.global_step,
             "stopped": stopped,  # early stopping ended the run here: a resume trains no further
             "best_valid_score": float(self.best_valid_score),
             "history": to_plain(self.history),
@@ -225,6 +234,8 @@ class MMTrainer(Trainer):
         self.best_valid_score = state["best_valid_score"]
         self.best_valid_result = ckpt["metrics"]["valid"]
         self.best_epoch = ckpt["metrics"]["best_epoch"]
+        self.best_step = ckpt["metrics"].get("best_step")
+        self.global_step = int(state.get("global_step", 0))
         self.history = list(state["history"])
         self.saved_model_file = state["saved_model_file"]
         self.resume_file = resume_file

@@ -1,0 +1,176 @@
+"""``recbole-mm transfer`` and what it is built on: ``train_fraction`` (a seeded subset of the
+training users, valid/test untouched), ``stopping_min_steps`` (equal optimisation budgets),
+``epochs=0`` (zero-shot evaluation), the Popularity baseline, cell claims between processes."""
+
+import csv
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import quick
+from fixtures import make_dataset
+from recbole_mm.config import Config
+from recbole_mm.data import create_dataset, data_preparation
+from recbole_mm.leaderboard import Cell, claim, release
+from recbole_mm.quick_start import run
+from recbole_mm.utils import get_model
+
+
+def _dataset(root, **extra):
+    cfg = Config("SASRec", "Tiny", "finetune", cmd_overrides={k: str(v) for k, v in quick(root, **extra).items()})
+    return create_dataset(cfg)
+
+
+def _rows(ds, split_index):
+    """(raw user, raw item list, raw target) of one split, independent of the internal numbering."""
+    if not hasattr(ds, "_built"):
+        ds._built = ds.build()  # RecBole's build() runs once per dataset
+    built = ds._built[split_index].inter_feat
+    users = ds.field2id_token["user_id"][built["user_id"].numpy()]
+    items = ds.field2id_token["item_id"]
+    lists = [tuple(items[row[:n]]) for row, n in zip(built["item_id_list"].numpy(), built["item_length"].numpy())]
+    return sorted(zip(users, lists, items[built["item_id"].numpy()]))
+
+
+def _train_users(folder):
+    with open(os.path.join(folder, "Tiny.train.inter")) as f:
+        next(f)
+        return [line.split("\t")[0] for line in f]
+
+
+def test_train_fraction_keeps_a_seeded_subset_of_users_with_all_their_rows(tiny_root, workdir):
+    full = _dataset(tiny_root)
+    part = _dataset(tiny_root, train_fraction=0.25, seed=7)
+    file_users = _train_users(os.path.join(tiny_root, "Tiny"))
+    users = np.sort(np.unique(np.array(file_users, dtype=np.int64)))  # user tokens as the reader maps them
+    expected = set(users[np.random.default_rng(7).permutation(len(users))[: round(0.25 * len(users))]].tolist())
+    train_full, train_part = _rows(full, 0), _rows(part, 0)
+    kept_users = {int(u) for u, _, _ in train_part}
+    assert kept_users == expected
+    # every training row of a kept user, and nothing else
+    assert train_part == [r for r in train_full if int(r[0]) in expected]
+    assert len(train_part) == sum(int(u) in expected for u in file_users) < len(train_full)
+    # valid and test untouched
+    assert _rows(part, 1) == _rows(full, 1) and _rows(part, 2) == _rows(full, 2)
+    assert part.train_fraction_info == {"fraction": 0.25, "seed": 7, "users": len(expected), "of_users": len(users),
+                                        "rows": len(train_part), "of_rows": len(train_full)}
+    # train_fraction_seed, not the run's seed, when given; another seed, another subset
+    fixed = _dataset(tiny_root, train_fraction=0.25, seed=99, train_fraction_seed=7)
+    assert {int(u) for u, _, _ in _rows(fixed, 0)} == expected
+    other = _dataset(tiny_root, train_fraction=0.25, seed=8)
+    assert {int(u) for u, _, _ in _rows(other, 0)} != expected
+
+
+@pytest.mark.parametrize("bad", ["0", "-0.5", "1.5", "half"])
+def test_train_fraction_out_of_range_is_refused(tiny_root, workdir, bad):
+    with pytest.raises(ValueError, match="train_fraction must be in"):
+        _dataset(tiny_root, train_fraction=bad)
+
+
+def test_popularity_ranks_items_by_training_count(tiny_root, workdir):
+    res = run("Popularity", "Tiny", overrides=quick(tiny_root, epochs=1))
+    cfg = Config("Popularity", "Tiny", "finetune", cmd_overrides={k: str(v) for k, v in quick(tiny_root).items()})
+    ds = create_dataset(cfg)
+    train, _, test = data_preparation(cfg, ds)
+    state = torch.load(res["checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
+    counts = torch.bincount(train._dataset.inter_feat["item_id"], minlength=ds.item_num).float()
+    assert torch.equal(state["item_count"], counts)
+    model = get_model("Popularity")(cfg, train._dataset)
+    model.load_state_dict(state)
+    batch = next(iter(test))[0]
+    scores = model.full_sort_predict(batch)
+    assert torch.equal(scores[0], counts) and scores.shape == (len(batch), ds.item_num)
+    sas = run("SASRec", "Tiny", overrides=quick(tiny_root, epochs=5))
+    assert sas["test"]["ndcg@10"] > res["test"]["ndcg@10"] > 0  # a learnable pattern beats popularity
+
+
+def test_stopping_min_steps_keeps_a_stalled_run_going(tiny_root, workdir, monkeypatch):
+    from recbole_mm.trainer import MMTrainer
+
+    def falling(self, valid_data, show_progress=False):  # a validation score that only gets worse
+        self._n_valid = getattr(self, "_n_valid", 0) + 1
+        return 1.0 / self._n_valid, {"ndcg@10": 1.0 / self._n_valid}
+
+    monkeypatch.setattr(MMTrainer, "_valid_epoch", falling)
+    base = quick(tiny_root, epochs=40, stopping_step=1)
+    plain = run("SASRec", "Tiny", overrides=base, saved=False)
+    steps_per_epoch = plain["steps"] // len(plain["history"])
+    assert len(plain["history"]) == 3  # best at epoch 0, two epochs without gain
+    held = run("SASRec", "Tiny", overrides=dict(base, stopping_min_steps=5 * steps_per_epoch + 1), saved=False)
+    assert len(held["history"]) == 6 and held["steps"] == 6 * steps_per_epoch
+    assert [h["steps"] for h in held["history"]] == [steps_per_epoch * (e + 1) for e in range(6)]
+    assert held["best_step"] == steps_per_epoch and held["best_epoch"] == 0
+
+
+def test_epochs_zero_evaluates_the_given_weights(tiny_root, workdir):
+    pre = run("UniSRec", "Tiny", mode="inductive", overrides=quick(tiny_root, epochs=3))
+    zs = run("UniSRec", "Tiny", mode="inductive", pretrained=pre["checkpoint"], overrides=quick(tiny_root, epochs=0))
+    assert zs["history"] == [] and zs["steps"] == 0 and zs["best_epoch"] is None
+    # the fine-tuned weights, evaluated without training: the first run's test metrics
+    assert zs["test"] == pytest.approx(pre["test"], abs=1e-4)
+    assert zs["valid"] == pytest.approx(pre["valid"], abs=1e-4)
+    assert os.path.isfile(zs["checkpoint"])
+    untrained = run("UniSRec", "Tiny", mode="inductive", overrides=quick(tiny_root, epochs=0))
+    assert untrained["test"]["ndcg@10"] < pre["test"]["ndcg@10"]
+
+
+def test_a_cell_is_claimed_by_one_process_at_a_time(tmp_path):
+    cell = Cell("SASRec", None, None, 2020, run_name="lb-x", checkpoint_dir=str(tmp_path))
+    assert claim(cell)
+    assert not claim(cell)  # held by a live process (this one)
+    release(cell)
+    assert claim(cell)
+    release(cell)
+    with open(tmp_path / "lb-x.claim", "w") as f:  # left by a process that died
+        f.write("999999999")
+    assert claim(cell)
+    release(cell)
+
+
+@pytest.mark.slow
+def test_transfer_end_to_end_writes_the_report_and_skips_finished_cells(tmp_path, workdir):
+    make_dataset(tmp_path / "pt", "DomA", n_users=80, n_items=30, seed=3)
+    make_dataset(tmp_path / "pt", "DomB", n_users=80, n_items=30, seed=4)
+    make_dataset(tmp_path / "data", "Tiny", seed=0)
+    from recbole_mm.transfer import transfer
+
+    ov = {k: str(v) for k, v in quick(tmp_path / "data", epochs=2).items()}
+    kw = dict(models="UniSRec", corpus="DomA,DomB", targets="Tiny", modes="inductive", fractions="1.0,0.5",
+              seeds=1, overrides=ov, pretrain_path=str(tmp_path / "pt"), pt_epochs=1, min_steps=4,
+              out=str(tmp_path / "results"), log=lambda *a: None)
+    res = transfer(**kw)
+    plan = res["plan"]
+    cells = plan.pretrain + plan.finetune + plan.zero_shot + plan.baselines
+    assert all(c.status == "finished" for c in cells), [(c.label, c.error) for c in cells if c.status != "finished"]
+    kinds = sorted((getattr(c, "kind", "pretrain"), c.fraction if hasattr(c, "fraction") else None, bool(c.pretrained))
+                   for c in cells)
+    assert kinds == sorted([("pretrain", None, False), ("popularity", 1.0, False), ("popularity", 0.5, False),
+                            ("zero-shot", 1.0, False), ("zero-shot", 1.0, True),
+                            ("finetune", 1.0, False), ("finetune", 1.0, True),
+                            ("finetune", 0.5, False), ("finetune", 0.5, True)])
+    pt = plan.pretrain[0]
+    assert all(c.pretrained == os.path.join(pt.checkpoint_dir, pt.run_name + "-1.pth")
+               for c in cells if c.pretrained)
+    for c in plan.finetune:  # both arms obey the same minimum budget
+        assert c.result["steps"] >= 4 and c.result["config"]["stopping_min_steps"] == 4
+    half = [c for c in plan.finetune if c.fraction == 0.5]
+    assert all(c.result["train_fraction"]["users"] == 60 for c in half)
+    md = open(res["paths"]["Tiny"]["md"]).read()
+    assert "| UniSRec | inductive | 100% |" in md and "| UniSRec | inductive | 50% |" in md
+    assert "UniSRec pre-trained, no fine-tuning | inductive" in md and "UniSRec untrained (random init)" in md
+    assert "| Popularity | - | 50% |" in md and "pre-training UniSRec on DomA + DomB: 1 epoch(s)" in md
+    scratch = [c for c in plan.finetune if c.fraction == 1.0 and not c.pretrained][0]
+    assert f"{scratch.result['test']['ndcg@10']:.4f}" in md
+    rows = list(csv.DictReader(open(res["paths"]["Tiny"]["csv"])))
+    assert {(r["mode"], r["fraction"]) for r in rows} == {("inductive", "1.0"), ("inductive", "0.5")}
+    assert all(r["scratch_seeds"] == "1" and r["pretrained_seeds"] == "1" for r in rows)
+    with open(res["paths"]["Tiny"]["png"], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+    stamps = {c.run_name: os.path.getmtime(c.result_file) for c in cells}
+    again = transfer(**kw)["plan"]
+    again_cells = again.pretrain + again.finetune + again.zero_shot + again.baselines
+    assert len(again_cells) == len(cells) and all(c.status == "skipped" and not c.ran for c in again_cells)
+    assert stamps == {c.run_name: os.path.getmtime(c.result_file) for c in again_cells}
