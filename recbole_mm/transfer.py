@@ -385,11 +385,9 @@ def _costs(plan: TransferPlan, target) -> list[str]:
     cells = [c for c in plan.finetune + plan.zero_shot + plan.baselines if c.dataset == target and c.result]
     seconds = sum((c.result.get("timings") or {}).get("total_seconds") or 0 for c in cells)
     pre_s = sum((c.result.get("timings") or {}).get("total_seconds") or 0 for c in plan.pretrain if c.result)
-    threads = {str((c.result.get("config") or {}).get("omp_threads", "")) for c in cells}
     lines.append(f"* this table's {len(cells)} finished runs: {seconds / 3600:.2f} h of run time; with the "
                  f"pre-training: {(seconds + pre_s) / 3600:.2f} h (wall time of each run's process; CPU hours = "
                  "wall hours x threads per run, see Machine)")
-    del threads
     return lines
 
 
@@ -442,12 +440,12 @@ def render_markdown(target, plan: TransferPlan, command, settings) -> str:
     if curve:
         lines += ["", "## Pre-training length", "", "| model | mode | train users | pre-training epochs | "
                   "scratch NDCG@10 | pre-trained NDCG@10 | Δ | seeds |", "|---|---|---|---|---|---|---|---|"]
-        full = [r for r in rows if r["mode"] == "inductive"]
-        for r in sorted(curve + [dict(r, pt_epoch=None) for r in full], key=lambda r: (
-                r["model"], r["fraction"], r["pt_epoch"] if r["pt_epoch"] is not None else 10 ** 9)):
-            if not any(c["model"] == r["model"] and c["fraction"] == r["fraction"] for c in curve):
-                continue
-            ep = "all (final)" if r["pt_epoch"] is None else str(r["pt_epoch"])
+        transferred = {c.model: getattr(c, "transfer_epoch", None) for c in plan.pretrain}
+        points = curve + [dict(r, pt_epoch=transferred.get(r["model"]), transferred=True)
+                          for r in rows if r["mode"] == "inductive"
+                          and any(c["model"] == r["model"] and c["fraction"] == r["fraction"] for c in curve)]
+        for r in sorted(points, key=lambda r: (r["model"], r["fraction"], r["pt_epoch"] or 0)):
+            ep = f"{r['pt_epoch']} (transferred)" if r.get("transferred") else str(r["pt_epoch"])
             lines.append(f"| {r['model']} | {r['mode']} | {r['fraction']:.0%} | {ep} | "
                          f"{_ms(r[f'scratch_{DEFAULT_METRIC}'])} | {_ms(r[f'pretrained_{DEFAULT_METRIC}'])} | "
                          + ("–" if r["delta"] is None else f"{r['delta']:+.4f}")

@@ -137,8 +137,8 @@ def test_transfer_end_to_end_writes_the_report_and_skips_finished_cells(tmp_path
     from recbole_mm.transfer import transfer
 
     ov = {k: str(v) for k, v in quick(tmp_path / "data", epochs=2).items()}
-    kw = dict(models="UniSRec", corpus="DomA,DomB", targets="Tiny", modes="inductive", fractions="1.0,0.5",
-              seeds=1, overrides=ov, pretrain_path=str(tmp_path / "pt"), pt_epochs=1, min_steps=4,
+    kw = dict(models="UniSRec", corpus="DomA,DomB", targets="Tiny", modes="inductive", fractions="0.5",
+              seeds=1, overrides=ov, pretrain_path=str(tmp_path / "pt"), pt_epochs=2, curve="1", min_steps=4,
               out=str(tmp_path / "results"), log=lambda *a: None)
     res = transfer(**kw)
     plan = res["plan"]
@@ -146,25 +146,29 @@ def test_transfer_end_to_end_writes_the_report_and_skips_finished_cells(tmp_path
     assert all(c.status == "finished" for c in cells), [(c.label, c.error) for c in cells if c.status != "finished"]
     kinds = sorted((getattr(c, "kind", "pretrain"), c.fraction if hasattr(c, "fraction") else None, bool(c.pretrained))
                    for c in cells)
-    assert kinds == sorted([("pretrain", None, False), ("popularity", 1.0, False), ("popularity", 0.5, False),
+    assert kinds == sorted([("pretrain", None, False), ("popularity", 0.5, False),
                             ("zero-shot", 1.0, False), ("zero-shot", 1.0, True),
-                            ("finetune", 1.0, False), ("finetune", 1.0, True),
-                            ("finetune", 0.5, False), ("finetune", 0.5, True)])
+                            ("finetune", 0.5, False), ("finetune", 0.5, True), ("curve", 0.5, True)])
     pt = plan.pretrain[0]
-    assert all(c.pretrained == os.path.join(pt.checkpoint_dir, pt.run_name + "-1.pth")
-               for c in cells if c.pretrained)
+    assert pt.result["config"]["epochs"] == 2 and len(pt.result["history"]) == 2
+    for c in cells:  # the checkpoint after --pt-epochs, the curve's after its own epoch
+        if c.pretrained:
+            n = 1 if c.kind == "curve" else 2
+            assert c.pretrained == os.path.join(pt.checkpoint_dir, f"{pt.run_name}-{n}.pth")
     for c in plan.finetune:  # both arms obey the same minimum budget
         assert c.result["steps"] >= 4 and c.result["config"]["stopping_min_steps"] == 4
-    half = [c for c in plan.finetune if c.fraction == 0.5]
-    assert all(c.result["train_fraction"]["users"] == 60 for c in half)
+    assert all(c.result["train_fraction"]["users"] == 60 for c in plan.finetune)  # half of the 120 users
     md = open(res["paths"]["Tiny"]["md"]).read()
-    assert "| UniSRec | inductive | 100% |" in md and "| UniSRec | inductive | 50% |" in md
+    assert "| UniSRec | inductive | 50% |" in md
     assert "UniSRec pre-trained, no fine-tuning | inductive" in md and "UniSRec untrained (random init)" in md
-    assert "| Popularity | - | 50% |" in md and "pre-training UniSRec on DomA + DomB: 1 epoch(s)" in md
-    scratch = [c for c in plan.finetune if c.fraction == 1.0 and not c.pretrained][0]
+    assert "| Popularity | - | 50% |" in md and "pre-training UniSRec on DomA + DomB: 2 epoch(s)" in md
+    assert "## Pre-training length" in md and "| UniSRec | inductive | 50% | 1 |" in md
+    assert "| UniSRec | inductive | 50% | 2 (transferred) |" in md
+    scratch = [c for c in plan.finetune if not c.pretrained][0]
     assert f"{scratch.result['test']['ndcg@10']:.4f}" in md
     rows = list(csv.DictReader(open(res["paths"]["Tiny"]["csv"])))
-    assert {(r["mode"], r["fraction"]) for r in rows} == {("inductive", "1.0"), ("inductive", "0.5")}
+    assert [(r["mode"], r["fraction"], r["pt_epoch"]) for r in rows] == [("inductive", "0.5", ""),
+                                                                         ("inductive", "0.5", "1")]
     assert all(r["scratch_seeds"] == "1" and r["pretrained_seeds"] == "1" for r in rows)
     with open(res["paths"]["Tiny"]["png"], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
