@@ -340,3 +340,50 @@ def test_attr_file_errors_name_file_and_line(tmp_path):
     path.write_text("item\ttitle\n")
     with pytest.raises(DataValidationError, match="D.attr:1: header"):
         read_attributes(str(path), ["A"])
+
+
+def test_pretrain_contrastive_forwards_are_clean_mlm_forwards_masked(tiny_root, tiny_bert, monkeypatch):
+    """Released RecformerForPretraining: the contrastive vectors come from clean forwards of the
+    sequence and the target; MLM from separate masked forwards of both."""
+    from recbole_mm.data import data_preparation
+
+    model, cfg, ds = _model(tiny_root, tiny_bert, train_stage="pretrain", mlm_probability=0.5)
+    batch = next(iter(data_preparation(cfg, ds)[0]))
+    calls, encode = [], Recformer.encode_tokens
+
+    def recording(self, tok, hidden_at=None, stop_after=None):
+        calls.append((tok.ids.clone(), hidden_at))
+        return encode(self, tok, hidden_at, stop_after)
+
+    monkeypatch.setattr(Recformer, "encode_tokens", recording)
+    model.train()
+    model.calculate_loss(batch).backward()
+    seq = model.sequence_tokens(batch["item_id_list"], batch["item_length"])
+    n = int(seq.lengths.sum()) + int(model.item_tokens(batch["item_id"]).lengths.sum())
+    contrastive = [ids for ids, at in calls if at is None]
+    mlm = [ids for ids, at in calls if at is not None]
+    assert len(contrastive) == 1 and contrastive[0].numel() == n
+    assert not (contrastive[0] == model.mask_id).any()
+    assert len(mlm) == 1 and mlm[0].numel() == n and (mlm[0] == model.mask_id).any()
+
+
+def test_checkpoint_of_another_catalogue_gets_its_table_reencoded(tiny_root, tiny_bert, workdir):
+    """-p <checkpoint fine-tuned on another dataset> --stage1_epochs=0: the checkpoint's table
+    (and its table_ready flag) belong to that dataset; the table is encoded for this one."""
+    src = run("Recformer", "Tiny", overrides=q(tiny_root, tiny_bert, epochs=4, learning_rate=1e-3, run_name="src"))
+    sd = load_checkpoint(src["checkpoint"])["state_dict"]
+    assert bool(sd["table_ready"]) and sd["item_embeddings"].shape[0] == 41
+    ft = run("Recformer", "Tiny2", pretrained=src["checkpoint"],
+             overrides=q(tiny_root, tiny_bert, epochs=1, learning_rate=1e-3, stage1_epochs=0, run_name="dst"))
+    table = load_checkpoint(ft["checkpoint"])["state_dict"]["item_embeddings"]
+    assert table.shape[0] == 31 and bool((table[1:].norm(dim=1) > 0).all())
+    random_ndcg = sum(1 / math.log2(r + 1) for r in range(1, 11)) / 30  # target uniform among 30 items
+    assert ft["test"]["ndcg@10"] > random_ndcg
+    # same catalogue: the checkpoint's table is kept as is (the paper's stage 2)
+    from recbole_mm.data import create_dataset
+
+    cfg = build_config("Recformer", "Tiny", config_dict=q(tiny_root, tiny_bert, stage1_epochs=0))
+    same = Recformer(cfg, create_dataset(cfg))
+    same.load_pretrained(sd)
+    assert bool(same.table_ready)
+    torch.testing.assert_close(same.item_embeddings, sd["item_embeddings"])
