@@ -387,3 +387,28 @@ def test_checkpoint_of_another_catalogue_gets_its_table_reencoded(tiny_root, tin
     same.load_pretrained(sd)
     assert bool(same.table_ready)
     torch.testing.assert_close(same.item_embeddings, sd["item_embeddings"])
+
+
+def test_fine_tuning_schedule_warms_up_then_decays_linearly(tiny_root, tiny_bert):
+    """Released fine-tuning: AdamW, get_linear_schedule_with_warmup (update k: lr * k / warmup,
+    then lr * max(0, 1 - k / total)), no gradient clipping; a function of the global step."""
+    from recbole_mm.data import data_preparation
+    from recbole_mm.trainer import MMTrainer
+
+    model, cfg, ds = _model(tiny_root, tiny_bert, steps_per_epoch=3, epochs=2, warmup_steps=2, learning_rate=1e-3)
+    assert cfg["learner"] == "adamw" and cfg["lr_schedule"] == "linear_warmup" and not cfg["clip_grad_norm"]
+    train, _, _ = data_preparation(cfg, ds)
+    trainer = MMTrainer(cfg, model, ds, run_name="sched")
+    assert isinstance(trainer.optimizer, torch.optim.AdamW)
+    lrs, step = [], trainer.optimizer.step
+
+    def recording(*a, **k):
+        lrs.append(trainer.optimizer.param_groups[0]["lr"])
+        return step(*a, **k)
+
+    trainer.optimizer.step = recording
+    model.on_epoch_start(0)
+    trainer._train_epoch(train, 0)
+    trainer._train_epoch(train, 1)
+    expected = [1e-3 * f for f in (0.5, 1 - 2 / 6, 1 - 3 / 6, 1 - 4 / 6, 1 - 5 / 6, 0.0)]
+    assert lrs == pytest.approx(expected)

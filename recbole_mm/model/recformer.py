@@ -28,9 +28,10 @@ natively, fp32 elsewhere.
 
 Stages (``train_stage``):
 
-* ``pretrain``: whole-word MLM (``mlm_probability`` 15%: 80% [MASK], 10% random, 10% kept)
-  on the sequence and on its target item, plus the sequence-item contrastive loss over the
-  in-batch targets (temperature 0.05, same-target negatives removed):
+* ``pretrain``: the sequence-item contrastive loss over the in-batch targets (temperature
+  0.05, same-target negatives removed) on clean forwards of the sequence and the target, plus
+  whole-word MLM (``mlm_probability`` 15%: 80% [MASK], 10% random, 10% kept) on separate
+  masked forwards of both (released ``RecformerForPretraining``):
   ``L = L_contrastive + mlm_weight * (L_MLM_seq + L_MLM_item)``, ``mlm_weight`` 0.1;
 * ``inductive_ft``: cross-entropy of cos / temperature over **all** items against the item
   table ``item_embeddings`` (a buffer: no gradient flows into it).  Two stages: in stage 1
@@ -39,7 +40,8 @@ Stages (``train_stage``):
   ``stage1_epochs: k`` switches to stage 2 at epoch ``k`` of the same run (-1: stage 1
   throughout).  The paper's protocol, stage 2 from the *best* stage-1 checkpoint, is two
   runs: ``--stage1_epochs=-1``, then ``-p <best>.pth --stage1_epochs=0`` (the checkpoint
-  carries the table it was evaluated with).
+  carries the table it was evaluated with; a table of another catalogue -- ``table_key``, a
+  fingerprint of the item tokens, differs -- is encoded anew).
 
 The item table is encoded in batches of ``item_encode_batch_size`` items (with a progress bar
 when ``show_progress``), keeping only each item's ``<s>`` vector: never more than one batch of

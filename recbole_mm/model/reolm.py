@@ -3,36 +3,36 @@ Multi-Modal Multi-Domain Item Sequences"): a Recformer-style language model whos
 carry an image, adapted by mixtures of LoRA adapters.
 
 On top of :class:`~recbole_mm.model.recformer.Recformer` (item sentences, sequence layout,
-embeddings, packed encoder, two-stage item table, checkpoints):
+embeddings, packed encoder, two-stage item table, checkpoints), as the released code
+(Nipers/ROMA: ``model/MOARecRoberta.py``, ``model/RecRoberta.py``, ``model/litwrapper.py``,
+``finetune.py``, ``data/RecRobertaCollator.py``) does it; our former choices stay available:
 
-* **image soft-token**: every item's tokens start with one image token (token type 4).  Its
-  word embedding is replaced by ``img_proj(feature)`` (``Linear(d, 2d) - GELU - Linear(2d,
-  H)``) of the item's frozen image feature (``img_suffix``, e.g. ``feat3CLS``); an item
-  without an image (all-zero feature row) gets the learnable ``void_img_emb``.  The image
-  token goes through the backbone's bottom layers with the text tokens.  ``img_suffix: ~``
-  (a corpus without images, e.g. text-only pre-training domains) gives every item the
-  placeholder; ``img_size`` then sets ``d`` so that ``img_proj`` fits the fine-tuning data.
-* **Mixture-of-LoRA adapters** on every layer's feed-forward output: ``y = FFN(h) +
-  scaling * sum_e g_e up_e(down_e(h))`` (``h``: the feed-forward input; ``up`` starts at
-  zero, so the untrained adapters leave the backbone unchanged).  Bottom half
-  (representation level): a token-level gate with top-``adapter_top_k`` routing over
-  ``num_adapters`` adapters.  Top half (task level): ``num_domain_adapters`` adapters, one
-  per pre-training domain, chosen by the item's domain index in pre-training (``<s>``: its
-  sequence's domain) and mixed by a learned token-level softmax gate (zero-initialised:
-  the mean of the domain adapters at first) in fine-tuning.
-* **losses**: pre-training = sequence-item contrastive (temperature 0.05) + ``mlm_weight``
-  (0.1) x whole-word MLM read at the middle layer (the output of the bottom half), on the
-  sequence and its target item; fine-tuning = cross-entropy over all items against the
-  frozen item table (stage 1 / stage 2 as Recformer) + ``mlm_weight`` x MLM of a masked copy
-  of the sequence through the bottom half.
-* **transfer** (``-p``, ``fix_enc``): only the adapters (and their gates), the image
-  projection and the placeholder train; the backbone, the new embeddings and the MLM head
-  stay frozen (:meth:`ReoLM.trainable_on_transfer`).
+* **image soft-token** (``image_token``): ``last`` (released) = one image token ends each item
+  of a *sequence*; an item encoded alone (the item table, stage-1 candidates, pre-training
+  targets) has none.  ``first`` (ours) = first token of each item, on both sides.  Its word
+  embedding is replaced by ``img_proj(feature)`` (``Linear(d, 2d) - GELU - Linear(2d, H)``) of
+  the item's frozen image feature (``img_suffix``); an item without an image (all-zero row)
+  gets the learnable ``void_img_emb``.  ``img_suffix: ~`` (a corpus without images) gives
+  every item the placeholder; ``img_size`` then sets ``d`` so that ``img_proj`` fits the
+  fine-tuning data.
+* **adapters** on every layer (:class:`AdapterMixture`, released ``LoRAAdapter`` /
+  ``LoRA_MD_Adapter``): ``dropout -> Linear(+bias) -> GELU -> Linear(+bias, zero-init)``
+  on the feed-forward input, ``x scaling``, added after the feed-forward output LayerNorm.
+  Bottom half: ``num_adapters`` adapters, token-level gate, ``bottom_gate: topk_mean``
+  (released: mean of the top-``adapter_top_k`` adapters) or ``topk_softmax`` (ours).  Top
+  half: ``num_domain_adapters`` adapters, one per pre-training domain chosen by the item's
+  domain index in pre-training, mixed by the softmax of the gate's top-k logits in fine-tuning.
+* **losses**: pre-training = sequence-item contrastive (temperature 0.05) with the sequence
+  vector and ``mlm_weight`` x MLM from one masked forward of the sequence (MLM read at
+  ``hidden_states[n/2 - 1]``), the target clean and without MLM.  Fine-tuning stage 1 = the
+  same masked forward scored against the label and ``num_negatives`` (released 1000) random
+  items re-encoded with gradient, + MLM; ``num_negatives: 0`` (ours) scores all items against
+  the frozen table.  Stage 2 = the clean sequence against the frozen table, no MLM.
+* **transfer** (``-p``): every parameter trains (released ``REFinetuneWrapper``);
+  ``fix_enc: True`` trains only the adapters (and their gates), the image projection and the
+  placeholder (:meth:`ReoLM.trainable_on_transfer`).
 
-Our choices where the released code was not available (see the design notes): the image
-token's place (first token of each item), the adapter's input (the feed-forward input) and
-output (added before the residual LayerNorm), which of down/up starts at zero, and the
-top-half gate in fine-tuning (token level).
+Remaining differences from the released code are listed in docs/fidelity.md.
 """
 
 from __future__ import annotations
