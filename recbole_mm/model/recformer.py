@@ -329,6 +329,7 @@ class MLMHead(nn.Module):
 
 class Recformer(MMSequentialRecommender):
     MLM_IN_FINETUNE = False  # Reo-LM: + mlm_weight x MLM in fine-tuning (stage 1) too
+    WHOLE_ITEMS = False  # default of whole_items (Reo-LM: True)
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -342,6 +343,8 @@ class Recformer(MMSequentialRecommender):
         self.mlm_probability = float(_get(config, "mlm_probability", 0.15))
         self.max_items = int(_get(config, "max_items", 50))
         self.max_tokens = int(_get(config, "max_tokens", 1024))
+        # released: Recformer cuts the token list at max_token_num; ROMA keeps whole items only
+        self.whole_items = bool(_get(config, "whole_items", self.WHOLE_ITEMS))
         self.max_attr_num = int(_get(config, "max_attr_num", 3))
         self.max_attr_length = int(_get(config, "max_attr_length", 32))
         self.attribute_keys = list(_get(config, "item_attributes", DEFAULT_ATTRIBUTES))
@@ -451,7 +454,8 @@ class Recformer(MMSequentialRecommender):
         return self._tokens(items.unsqueeze(1), self.item_lengths)
 
     def sequence_tokens(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> Tokens:
-        """``<s>`` + the items of each sequence, most recent first (``max_items``, ``max_tokens``)."""
+        """``<s>`` + the items of each sequence, most recent first (``max_items``, ``max_tokens``;
+        ``whole_items``: only items that fit whole)."""
         J = min(item_seq.size(1), self.max_items)
         j = torch.arange(J, device=item_seq.device).unsqueeze(0)
         idx = (item_seq_len.unsqueeze(1) - 1 - j).clamp(min=0)
@@ -473,10 +477,13 @@ class Recformer(MMSequentialRecommender):
         src = self.sent_offsets[item] + within
         row_before = (torch.cumsum(cnt, 1) - cnt).reshape(-1)
         pos = 1 + row_before[slot] + within  # position in the sequence (<s> is 0)
-        keep = pos < self.max_tokens
+        if self.whole_items:  # an item that does not fit whole is dropped, with every older one
+            keep = (row_before + flat_cnt)[slot] < self.max_tokens
+        else:  # cut at max_tokens, the last item possibly in part
+            keep = pos < self.max_tokens
         slot, item, src, pos = slot[keep], item[keep], src[keep], pos[keep]
         row = torch.div(slot, J, rounding_mode="floor")
-        lengths = (1 + cnt.sum(1)).clamp(max=self.max_tokens)
+        lengths = 1 + torch.bincount(row, minlength=B)
         seq_start = torch.cumsum(lengths, 0) - lengths
         T = int(lengths.sum())
         dest = seq_start[row] + pos

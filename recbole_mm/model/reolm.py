@@ -22,6 +22,11 @@ embeddings, packed encoder, two-stage item table, checkpoints), as the released 
   (released: mean of the top-``adapter_top_k`` adapters) or ``topk_softmax`` (ours).  Top
   half: ``num_domain_adapters`` adapters, one per pre-training domain chosen by the item's
   domain index in pre-training, mixed by the softmax of the gate's top-k logits in fine-tuning.
+* **pre-training images** (``pretrain_images``): ``False`` (released: ``MOARecRobertaForPretrain``
+  never passes ``use_img``) = the image token is a learned word on both sides (the targets
+  carry it too) and ``img_proj`` is not trained; ``True`` (ours) = images as in fine-tuning.
+* **sequences** (``whole_items``, released ``RecRobertaTokenizer.encode``): an item that does
+  not fit whole into ``max_tokens`` ends the sequence.
 * **losses**: pre-training = sequence-item contrastive (temperature 0.05) with the sequence
   vector and ``mlm_weight`` x MLM from one masked forward of the sequence (MLM read at
   ``hidden_states[n/2 - 1]``), the target clean and without MLM.  Fine-tuning stage 1 = the
@@ -98,6 +103,7 @@ class AdapterMixture(nn.Module):
 
 class ReoLM(Recformer):
     MLM_IN_FINETUNE = True
+    WHOLE_ITEMS = True  # released RecRobertaTokenizer.encode: an item that does not fit ends the sequence
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -120,6 +126,8 @@ class ReoLM(Recformer):
             raise ValueError("ReoLM needs a backbone with at least 2 layers (bottom and top halves)")
         self.n_bottom = n_layers // 2
         self.num_negatives = int(_get(config, "num_negatives", 1000))
+        # released pre-training never passes use_img: the image token is a learned word there
+        self.pretrain_images = bool(_get(config, "pretrain_images", False))
         bottom_gate = str(_get(config, "bottom_gate", "topk_mean"))
         if bottom_gate not in BOTTOM_GATES:
             raise ValueError(f"ReoLM: bottom_gate must be one of {BOTTOM_GATES}, got {bottom_gate!r}")
@@ -162,8 +170,19 @@ class ReoLM(Recformer):
         present = self.image_presence.index_select(0, items).unsqueeze(1)
         return torch.where(present, proj, self.void_img_emb.to(proj.dtype).expand_as(proj))
 
+    def images_in_use(self) -> bool:
+        return self.train_stage != "pretrain" or self.pretrain_images
+
+    def item_tokens(self, items: torch.Tensor) -> Tokens:
+        """Released pre-training (images not in use) gives its targets the image token too."""
+        if self.images_in_use():
+            return super().item_tokens(items)
+        return self._tokens(items.unsqueeze(1))
+
     def embed_words(self, tok: Tokens) -> torch.Tensor:
         w = self.word_embeddings(tok.ids)
+        if not self.images_in_use():  # the image token keeps its word embedding
+            return w
         img = torch.nonzero(tok.types == IMAGE_TYPE).squeeze(1)
         if img.numel():
             w = w.index_copy(0, img, self.image_vectors(tok.items.index_select(0, img)).to(w.dtype))
