@@ -64,10 +64,12 @@ def main(argv=None):
         trainer = MMTrainer(config, model, ds, run_name="lm_context")
         if hasattr(model, "on_epoch_start"):
             model.on_epoch_start(0, train)
-        t_step, it = [], iter(train)
+        t_step, it, n_tok, n_rows = [], iter(train), 0, 0
         model.train()
         for _ in range(args.steps + 1):
             inter = next(it).to(config["device"])
+            n_tok += int(model.sequence_tokens(inter[model.ITEM_SEQ], inter[model.ITEM_SEQ_LEN]).lengths.sum())
+            n_rows += len(inter)
             t = perf_counter()
             trainer.optimizer.zero_grad(set_to_none=True)
             model.calculate_loss(inter).backward()
@@ -79,6 +81,7 @@ def main(argv=None):
             "model": args.model, "max_tokens": budget, "max_items": model.max_items,
             "train_batch_size": config["train_batch_size"], "steps": args.steps,
             "s_per_step": round(sum(t_step[1:]) / args.steps, 3), "train_rows": len(train.dataset),
+            "tokens_per_train_sequence": round(n_tok / n_rows, 1),
             "items_seen_per_test_user": round(seen, 2), "history_items_per_test_user": round(hist, 2),
             "bf16": model.bf16, "threads": torch.get_num_threads(),
         }), flush=True)
