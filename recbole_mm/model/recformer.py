@@ -49,7 +49,7 @@ token states.  Differences from the released code, each deliberate: full attenti
 of Longformer's local window (``max_tokens`` is small here; Longformer folders are not
 supported), whole words masked with probability 15% each (the reference samples words until
 15% of the tokens), and RecBole's training rows (every prefix of every user) instead of one
-random target per user and epoch.
+random target per user and epoch (docs/fidelity.md lists them with the keys and figures).
 """
 
 from __future__ import annotations
