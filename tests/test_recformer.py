@@ -85,33 +85,40 @@ def test_sentences_key_value_capped_and_attr_file_first(attr_root, tiny_bert):
     assert int(model.sent_lengths[0]) == 0  # padding
 
 
-def _naive_sequence(model, seq, max_items, max_tokens):
-    """Reference layout, one sequence at a time in Python."""
+def _naive_sequence(model, seq, max_items, max_tokens, whole=False):
+    """Reference layout, one sequence at a time in Python (``whole``: ROMA's tokenizer, an item
+    that does not fit ends the sequence; otherwise Recformer's, cut at max_tokens)."""
     ids, types, itempos = [model.cls_id], [0], [0]
     for k, item in enumerate(list(reversed(seq))[:max_items]):
         i_ids, i_types, _ = _item(model, item)
+        if whole and len(ids) + len(i_ids) > max_tokens:
+            break
         ids += i_ids
         types += i_types
         itempos += [k + 1] * len(i_ids)
     return ids[:max_tokens], types[:max_tokens], itempos[:max_tokens]
 
 
-def test_sequence_tokens_most_recent_first_and_capped(tiny_root, tiny_bert):
-    model, _, _ = _model(tiny_root, tiny_bert, max_items=3, max_tokens=30)
+@pytest.mark.parametrize("whole", [False, True])
+def test_sequence_tokens_most_recent_first_and_capped(tiny_root, tiny_bert, whole):
+    model, _, _ = _model(tiny_root, tiny_bert, max_items=3, max_tokens=30, whole_items=whole)
     seqs = [[5, 6, 7, 8, 9], [3], [10, 11]]
     width = max(map(len, seqs))
     item_seq = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
     tok = model.sequence_tokens(item_seq, torch.tensor([len(s) for s in seqs]))
     start = 0
     for s, n in zip(seqs, tok.lengths.tolist()):
-        ids, types, itempos = _naive_sequence(model, s, 3, 30)
+        ids, types, itempos = _naive_sequence(model, s, 3, 30, whole)
         assert n == len(ids) <= 30
         assert tok.ids[start : start + n].tolist() == ids
         assert tok.types[start : start + n].tolist() == types
         assert tok.item_positions[start : start + n].tolist() == itempos
         assert tok.positions[start : start + n].tolist() == list(range(n))
         start += n
-    assert tok.lengths[0] == 30  # 3 items of ~14 tokens, cut at max_tokens
+    if whole:  # 3 items of ~14 tokens: the third does not fit
+        assert tok.lengths[0] < 30 and set(tok.item_positions[: int(tok.lengths[0])].tolist()) == {0, 1, 2}
+    else:  # cut at max_tokens
+        assert tok.lengths[0] == 30
 
 
 def test_encoder_equals_transformers_bert_at_init(tiny_root, tiny_bert):
@@ -340,3 +347,75 @@ def test_attr_file_errors_name_file_and_line(tmp_path):
     path.write_text("item\ttitle\n")
     with pytest.raises(DataValidationError, match="D.attr:1: header"):
         read_attributes(str(path), ["A"])
+
+
+def test_pretrain_contrastive_forwards_are_clean_mlm_forwards_masked(tiny_root, tiny_bert, monkeypatch):
+    """Released RecformerForPretraining: the contrastive vectors come from clean forwards of the
+    sequence and the target; MLM from separate masked forwards of both."""
+    from recbole_mm.data import data_preparation
+
+    model, cfg, ds = _model(tiny_root, tiny_bert, train_stage="pretrain", mlm_probability=0.5)
+    batch = next(iter(data_preparation(cfg, ds)[0]))
+    calls, encode = [], Recformer.encode_tokens
+
+    def recording(self, tok, hidden_at=None, stop_after=None):
+        calls.append((tok.ids.clone(), hidden_at))
+        return encode(self, tok, hidden_at, stop_after)
+
+    monkeypatch.setattr(Recformer, "encode_tokens", recording)
+    model.train()
+    model.calculate_loss(batch).backward()
+    seq = model.sequence_tokens(batch["item_id_list"], batch["item_length"])
+    n = int(seq.lengths.sum()) + int(model.item_tokens(batch["item_id"]).lengths.sum())
+    contrastive = [ids for ids, at in calls if at is None]
+    mlm = [ids for ids, at in calls if at is not None]
+    assert len(contrastive) == 1 and contrastive[0].numel() == n
+    assert not (contrastive[0] == model.mask_id).any()
+    assert len(mlm) == 1 and mlm[0].numel() == n and (mlm[0] == model.mask_id).any()
+
+
+def test_checkpoint_of_another_catalogue_gets_its_table_reencoded(tiny_root, tiny_bert, workdir):
+    """-p <checkpoint fine-tuned on another dataset> --stage1_epochs=0: the checkpoint's table
+    (and its table_ready flag) belong to that dataset; the table is encoded for this one."""
+    src = run("Recformer", "Tiny", overrides=q(tiny_root, tiny_bert, epochs=4, learning_rate=1e-3, lr_schedule=None, run_name="src"))
+    sd = load_checkpoint(src["checkpoint"])["state_dict"]
+    assert bool(sd["table_ready"]) and sd["item_embeddings"].shape[0] == 41
+    ft = run("Recformer", "Tiny2", pretrained=src["checkpoint"],
+             overrides=q(tiny_root, tiny_bert, epochs=1, learning_rate=1e-3, lr_schedule=None, stage1_epochs=0, run_name="dst"))
+    table = load_checkpoint(ft["checkpoint"])["state_dict"]["item_embeddings"]
+    assert table.shape[0] == 31 and bool((table[1:].norm(dim=1) > 0).all())
+    random_ndcg = sum(1 / math.log2(r + 1) for r in range(1, 11)) / 30  # target uniform among 30 items
+    assert ft["test"]["ndcg@10"] > random_ndcg
+    # same catalogue: the checkpoint's table is kept as is (the paper's stage 2)
+    from recbole_mm.data import create_dataset
+
+    cfg = build_config("Recformer", "Tiny", config_dict=q(tiny_root, tiny_bert, stage1_epochs=0))
+    same = Recformer(cfg, create_dataset(cfg))
+    same.load_pretrained(sd)
+    assert bool(same.table_ready)
+    torch.testing.assert_close(same.item_embeddings, sd["item_embeddings"])
+
+
+def test_fine_tuning_schedule_warms_up_then_decays_linearly(tiny_root, tiny_bert):
+    """Released fine-tuning: AdamW, get_linear_schedule_with_warmup (update k: lr * k / warmup,
+    then lr * max(0, 1 - k / total)), no gradient clipping; a function of the global step."""
+    from recbole_mm.data import data_preparation
+    from recbole_mm.trainer import MMTrainer
+
+    model, cfg, ds = _model(tiny_root, tiny_bert, steps_per_epoch=3, epochs=2, warmup_steps=2, learning_rate=1e-3)
+    assert cfg["learner"] == "adamw" and cfg["lr_schedule"] == "linear_warmup" and not cfg["clip_grad_norm"]
+    train, _, _ = data_preparation(cfg, ds)
+    trainer = MMTrainer(cfg, model, ds, run_name="sched")
+    assert isinstance(trainer.optimizer, torch.optim.AdamW)
+    lrs, step = [], trainer.optimizer.step
+
+    def recording(*a, **k):
+        lrs.append(trainer.optimizer.param_groups[0]["lr"])
+        return step(*a, **k)
+
+    trainer.optimizer.step = recording
+    model.on_epoch_start(0)
+    trainer._train_epoch(train, 0)
+    trainer._train_epoch(train, 1)
+    expected = [1e-3 * f for f in (0.5, 1 - 2 / 6, 1 - 3 / 6, 1 - 4 / 6, 1 - 5 / 6, 0.0)]
+    assert lrs == pytest.approx(expected)

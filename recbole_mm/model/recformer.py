@@ -28,9 +28,10 @@ natively, fp32 elsewhere.
 
 Stages (``train_stage``):
 
-* ``pretrain``: whole-word MLM (``mlm_probability`` 15%: 80% [MASK], 10% random, 10% kept)
-  on the sequence and on its target item, plus the sequence-item contrastive loss over the
-  in-batch targets (temperature 0.05, same-target negatives removed):
+* ``pretrain``: the sequence-item contrastive loss over the in-batch targets (temperature
+  0.05, same-target negatives removed) on clean forwards of the sequence and the target, plus
+  whole-word MLM (``mlm_probability`` 15%: 80% [MASK], 10% random, 10% kept) on separate
+  masked forwards of both (released ``RecformerForPretraining``):
   ``L = L_contrastive + mlm_weight * (L_MLM_seq + L_MLM_item)``, ``mlm_weight`` 0.1;
 * ``inductive_ft``: cross-entropy of cos / temperature over **all** items against the item
   table ``item_embeddings`` (a buffer: no gradient flows into it).  Two stages: in stage 1
@@ -39,7 +40,8 @@ Stages (``train_stage``):
   ``stage1_epochs: k`` switches to stage 2 at epoch ``k`` of the same run (-1: stage 1
   throughout).  The paper's protocol, stage 2 from the *best* stage-1 checkpoint, is two
   runs: ``--stage1_epochs=-1``, then ``-p <best>.pth --stage1_epochs=0`` (the checkpoint
-  carries the table it was evaluated with).
+  carries the table it was evaluated with; a table of another catalogue -- ``table_key``, a
+  fingerprint of the item tokens, differs -- is encoded anew).
 
 The item table is encoded in batches of ``item_encode_batch_size`` items (with a progress bar
 when ``show_progress``), keeping only each item's ``<s>`` vector: never more than one batch of
@@ -47,13 +49,14 @@ token states.  Differences from the released code, each deliberate: full attenti
 of Longformer's local window (``max_tokens`` is small here; Longformer folders are not
 supported), whole words masked with probability 15% each (the reference samples words until
 15% of the tokens), and RecBole's training rows (every prefix of every user) instead of one
-random target per user and epoch.
+random target per user and epoch (docs/fidelity.md lists them with the keys and figures).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import zlib
 from dataclasses import dataclass, fields
 from logging import getLogger
 from time import perf_counter
@@ -145,17 +148,18 @@ def _word_starts(word_ids: list) -> list[bool]:
 
 
 def build_sentences(dataset, tokenizer, keys, max_attr_num: int, max_attr_length: int,
-                    image_token_id: int | None = None) -> Sentences:
+                    image_token_id: int | None = None, image_last: bool = False) -> Sentences:
     """Tokenise every item once (cached on the dataset per tokenizer and caps).
 
     An item is, for each of its first ``max_attr_num`` non-empty attributes in ``keys``
     order, the tokens of the key then of the value, cut together to ``max_attr_length``
-    (Recformer's tokenizer); with ``image_token_id`` (Reo-LM) one image token comes first.
+    (Recformer's tokenizer); with ``image_token_id`` (Reo-LM) one image token comes first, or
+    last with ``image_last``.
     Padding (item 0) is empty.
     """
     cache = dataset.__dict__.setdefault("_sentence_cache", {})
     ck = (getattr(tokenizer, "name_or_path", ""), type(tokenizer).__name__, len(tokenizer), tuple(keys),
-          int(max_attr_num), int(max_attr_length), image_token_id)
+          int(max_attr_num), int(max_attr_length), image_token_id, bool(image_last))
     if ck in cache:
         return cache[ck]
     attrs = item_attribute_dicts(dataset)
@@ -177,7 +181,7 @@ def build_sentences(dataset, tokenizer, keys, max_attr_num: int, max_attr_length
     all_ids, all_types, all_ws, lengths = [], [], [], np.zeros(n, dtype=np.int64)
     for i in range(1, n):
         ids, types, ws = [], [], []
-        if image_token_id is not None:
+        if image_token_id is not None and not image_last:
             ids.append(image_token_id), types.append(IMAGE_TYPE), ws.append(True)
         used = 0
         for k in keys:
@@ -191,6 +195,8 @@ def build_sentences(dataset, tokenizer, keys, max_attr_num: int, max_attr_length
             ids += key_ids + v_ids
             types += [KEY_TYPE] * len(key_ids) + [VALUE_TYPE] * len(v_ids)
             ws += key_ws + v_ws
+        if image_token_id is not None and image_last:
+            ids.append(image_token_id), types.append(IMAGE_TYPE), ws.append(True)
         all_ids += ids
         all_types += types
         all_ws += ws
@@ -322,8 +328,8 @@ class MLMHead(nn.Module):
 
 
 class Recformer(MMSequentialRecommender):
-    IMAGE_TOKEN = False  # Reo-LM: one image soft-token per item
-    MLM_IN_FINETUNE = False  # Reo-LM: + mlm_weight x MLM in fine-tuning too
+    MLM_IN_FINETUNE = False  # Reo-LM: + mlm_weight x MLM in fine-tuning (stage 1) too
+    WHOLE_ITEMS = False  # default of whole_items (Reo-LM: True)
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -337,6 +343,8 @@ class Recformer(MMSequentialRecommender):
         self.mlm_probability = float(_get(config, "mlm_probability", 0.15))
         self.max_items = int(_get(config, "max_items", 50))
         self.max_tokens = int(_get(config, "max_tokens", 1024))
+        # released: Recformer cuts the token list at max_token_num; ROMA keeps whole items only
+        self.whole_items = bool(_get(config, "whole_items", self.WHOLE_ITEMS))
         self.max_attr_num = int(_get(config, "max_attr_num", 3))
         self.max_attr_length = int(_get(config, "max_attr_length", 32))
         self.attribute_keys = list(_get(config, "item_attributes", DEFAULT_ATTRIBUTES))
@@ -351,7 +359,7 @@ class Recformer(MMSequentialRecommender):
         if precision == "auto":
             precision = "bf16" if native_bf16(config["device"]) else "fp32"
         self.bf16 = precision == "bf16"
-        self.fix_enc = bool(_get(config, "fix_enc", True))
+        self.fix_enc = bool(_get(config, "fix_enc", False))
         if self.max_items < 1 or self.max_tokens < 2:
             raise ValueError(f"{name}: max_items must be >= 1 and max_tokens >= 2")
 
@@ -373,7 +381,8 @@ class Recformer(MMSequentialRecommender):
         self.embed_dropout = nn.Dropout(float(getattr(pcfg, "hidden_dropout_prob", 0.1)))
         self.layers = plm.encoder.layer
         _check_layers(self.layers, pcfg.model_type)
-        n_types = 5 if self.IMAGE_TOKEN else 4
+        self.image_where = self.image_token(config)
+        n_types = 5 if self.image_where else 4
         self.token_type_embeddings = nn.Embedding(n_types, self.hidden_size)
         self.item_position_embeddings = nn.Embedding(self.max_items + 1, self.hidden_size)
         with torch.no_grad():
@@ -387,10 +396,15 @@ class Recformer(MMSequentialRecommender):
         self.mask_id = tokenizer.mask_token_id
         if self.cls_id is None:
             raise ValueError(f"{name}: the backbone's tokenizer has no [CLS]/<s> token")
-        image_id = (tokenizer.unk_token_id if tokenizer.unk_token_id is not None else self.cls_id) if self.IMAGE_TOKEN else None
-        sentences = build_sentences(dataset, tokenizer, self.attribute_keys, self.max_attr_num, self.max_attr_length, image_id)
+        where = self.image_where
+        image_id = (tokenizer.unk_token_id if tokenizer.unk_token_id is not None else self.cls_id) if where else None
+        sentences = build_sentences(dataset, tokenizer, self.attribute_keys, self.max_attr_num, self.max_attr_length,
+                                    image_id, image_last=where == "last")
         for f in fields(Sentences):
             self.register_buffer(f"sent_{f.name}", getattr(sentences, f.name).clone(), persistent=False)
+        # tokens of an item encoded alone: without its image token when that is on the sequence side only
+        item_lengths = sentences.lengths - (sentences.lengths > 0).long() if where == "last" else sentences.lengths
+        self.register_buffer("item_lengths", item_lengths.clone(), persistent=False)
 
         self.mlm_layer = self._mlm_layer()
         self.uses_mlm = self.mlm_weight > 0 and (self.train_stage == "pretrain" or self.MLM_IN_FINETUNE)
@@ -409,6 +423,9 @@ class Recformer(MMSequentialRecommender):
         # True once a training step has changed the weights since the table was encoded (in the
         # checkpoint too, so that a resumed run re-encodes exactly when an uninterrupted one does)
         self.register_buffer("table_stale", torch.tensor(True))
+        # which catalogue the table belongs to (a checkpoint of another dataset brings a table
+        # -- and a table_ready flag -- that do not fit this one: re-encoded then)
+        self.register_buffer("table_key", torch.tensor(catalogue_key(sentences), dtype=torch.long))
         self.last_table_seconds = None
         if bool(_get(config, "fix_word_embedding", False)):
             self.word_embeddings.weight.requires_grad_(False)
@@ -419,8 +436,13 @@ class Recformer(MMSequentialRecommender):
         return len(self.layers) - 1
 
     def ffn_adapter(self, i: int, h: torch.Tensor, tok: Tokens, index: torch.Tensor | None):
-        """Added to layer ``i``'s feed-forward output (Reo-LM's adapters); ``h``: the
-        feed-forward input of the tokens ``index`` (all when None)."""
+        """Added to layer ``i``'s output, after its feed-forward LayerNorm (Reo-LM's adapters);
+        ``h``: the feed-forward input of the tokens ``index`` (all when None)."""
+        return None
+
+    def image_token(self, config) -> str | None:
+        """Reo-LM: where each item's image token goes (``last``: end of the item, sequence side
+        only; ``first``: start of the item, sequence and item side); Recformer: none."""
         return None
 
     def embed_words(self, tok: Tokens) -> torch.Tensor:
@@ -429,21 +451,23 @@ class Recformer(MMSequentialRecommender):
     # -- tokens -------------------------------------------------------------------------
     def item_tokens(self, items: torch.Tensor) -> Tokens:
         """``<s>`` + item, for every item of ``items [N]``."""
-        return self._tokens(items.unsqueeze(1))
+        return self._tokens(items.unsqueeze(1), self.item_lengths)
 
     def sequence_tokens(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> Tokens:
-        """``<s>`` + the items of each sequence, most recent first (``max_items``, ``max_tokens``)."""
+        """``<s>`` + the items of each sequence, most recent first (``max_items``, ``max_tokens``;
+        ``whole_items``: only items that fit whole)."""
         J = min(item_seq.size(1), self.max_items)
         j = torch.arange(J, device=item_seq.device).unsqueeze(0)
         idx = (item_seq_len.unsqueeze(1) - 1 - j).clamp(min=0)
         items = item_seq.gather(1, idx).masked_fill(j >= item_seq_len.unsqueeze(1), 0)
         return self._tokens(items)
 
-    def _tokens(self, items: torch.Tensor) -> Tokens:
-        """Packed tokens of ``items [B, J]`` (item ids, most recent first, 0 = none), all tensor ops."""
+    def _tokens(self, items: torch.Tensor, lengths: torch.Tensor | None = None) -> Tokens:
+        """Packed tokens of ``items [B, J]`` (item ids, most recent first, 0 = none), all tensor ops;
+        ``lengths``: tokens used of each item's sentence (default all)."""
         dev = items.device
         B, J = items.shape
-        cnt = self.sent_lengths[items]  # [B, J]
+        cnt = (self.sent_lengths if lengths is None else lengths)[items]  # [B, J]
         flat_items, flat_cnt = items.reshape(-1), cnt.reshape(-1)
         total = int(flat_cnt.sum())
         slot = torch.repeat_interleave(torch.arange(B * J, device=dev), flat_cnt)  # token -> (row, item slot)
@@ -453,10 +477,13 @@ class Recformer(MMSequentialRecommender):
         src = self.sent_offsets[item] + within
         row_before = (torch.cumsum(cnt, 1) - cnt).reshape(-1)
         pos = 1 + row_before[slot] + within  # position in the sequence (<s> is 0)
-        keep = pos < self.max_tokens
+        if self.whole_items:  # an item that does not fit whole is dropped, with every older one
+            keep = (row_before + flat_cnt)[slot] < self.max_tokens
+        else:  # cut at max_tokens, the last item possibly in part
+            keep = pos < self.max_tokens
         slot, item, src, pos = slot[keep], item[keep], src[keep], pos[keep]
         row = torch.div(slot, J, rounding_mode="floor")
-        lengths = (1 + cnt.sum(1)).clamp(max=self.max_tokens)
+        lengths = 1 + torch.bincount(row, minlength=B)
         seq_start = torch.cumsum(lengths, 0) - lengths
         T = int(lengths.sum())
         dest = seq_start[row] + pos
@@ -495,16 +522,14 @@ class Recformer(MMSequentialRecommender):
         ctx = packed_attention(sa.query(q_in), sa.key(x), sa.value(x), packing, self.n_heads, p,
                                queries_last=index is not None, causal=False)
         h = ao.LayerNorm(ao.dropout(ao.dense(ctx)) + q_in)
-        y = out.dropout(out.dense(layer.intermediate(h)))
-        extra = self.ffn_adapter(i, h, tok, index)
-        if extra is not None:
-            y = y + extra.to(y.dtype)
-        return out.LayerNorm(y + h)
+        y = out.LayerNorm(out.dropout(out.dense(layer.intermediate(h))) + h)
+        extra = self.ffn_adapter(i, h, tok, index)  # Reo-LM: added after the output LayerNorm, as released
+        return y if extra is None else y + extra.to(y.dtype)
 
     def encode_tokens(self, tok: Tokens, hidden_at: int | None = None, stop_after: int | None = None):
         """``(<s> vectors [B, H] or None, every token's output of layer hidden_at [T, H] or None)``.
 
-        ``stop_after``: run layers ``0..stop_after`` only (no ``<s>`` vectors then, unless it
+        ``hidden_at`` -1: the embedding output.  ``stop_after``: run layers ``0..stop_after`` only (no ``<s>`` vectors then, unless it
         is the last layer).  Without ``hidden_at`` at the last layer, the last layer
         computes ``<s>`` alone.
         """
@@ -517,6 +542,8 @@ class Recformer(MMSequentialRecommender):
         kept, cls = None, None
         with self._autocast():
             x = self.embed(tok)
+            if hidden_at == -1:  # the embedding output (hidden_states[0])
+                kept = x
             for i in range(last + 1):
                 cls_only = i == n - 1 and (hidden_at is None or hidden_at < i)
                 x = self._layer(i, x, packing, tok, starts if cls_only else None)
@@ -587,6 +614,11 @@ class Recformer(MMSequentialRecommender):
             self.refresh_item_table()
         return self.item_embeddings
 
+    def stage1_uses_table(self) -> bool:
+        """Whether stage-1 training scores against the item table (Recformer: yes; Reo-LM with
+        sampled negatives re-encodes its candidates instead, the table serves evaluation only)."""
+        return True
+
     def in_stage2(self, epoch: int) -> bool:
         return self.stage1_epochs >= 0 and epoch >= self.stage1_epochs
 
@@ -602,12 +634,22 @@ class Recformer(MMSequentialRecommender):
             self.table_frozen.fill_(True)
         else:
             self.table_frozen.fill_(False)
-            if not bool(self.table_ready) or bool(self.table_stale):
+            if self.stage1_uses_table() and (not bool(self.table_ready) or bool(self.table_stale)):
                 self.refresh_item_table()
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        state_dict = dict(state_dict)
         if "item_embeddings" in state_dict and "table_stale" not in state_dict:  # written before the flag existed
-            state_dict = {**state_dict, "table_stale": torch.tensor(False)}
+            state_dict["table_stale"] = torch.tensor(False)
+        foreign = "table_key" not in state_dict or int(state_dict["table_key"]) != int(self.table_key)
+        if foreign and any(k in state_dict for k in _TABLE_STATE):
+            # the checkpoint's table (and flags) belong to another catalogue (or to an older
+            # checkpoint that does not say): keep our own, the table is encoded anew
+            for k in _TABLE_STATE:
+                state_dict[k] = getattr(self, k).clone()
+            state_dict["table_ready"] = torch.tensor(False)
+            state_dict["table_stale"] = torch.tensor(True)
+            state_dict["table_frozen"] = torch.tensor(False)
         out = super().load_state_dict(state_dict, strict=strict, assign=assign)
         if "item_embeddings" not in state_dict:  # other weights, the old table: re-encode it
             self.table_stale.fill_(True)
@@ -632,39 +674,50 @@ class Recformer(MMSequentialRecommender):
             self.table_stale.fill_(True)  # this step changes the weights: the table no longer matches
         if self.train_stage == "pretrain":
             return self.pretrain_loss(interaction)
+        return self.finetune_loss(interaction)
+
+    def finetune_loss(self, interaction):
+        """Cross-entropy of cos / temperature over all items against the item table."""
         if not bool(self.table_ready):
             self.refresh_item_table()
-        tok = self.sequence_tokens(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
-        seq, _ = self.encode_tokens(tok)
+        seq = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        return self.table_loss(seq, interaction[self.POS_ITEM_ID])
+
+    def table_loss(self, seq: torch.Tensor, pos_items: torch.Tensor) -> torch.Tensor:
         logits = self._logits(seq, self.item_embeddings)
         logits[:, 0] = float("-inf")
-        loss = F.cross_entropy(logits, interaction[self.POS_ITEM_ID])
-        if self.uses_mlm:  # Reo-LM: MLM on a masked copy of the sequence, read at mlm_layer
-            masked, where = self.mask_tokens(tok)
-            _, hidden = self.encode_tokens(masked, hidden_at=self.mlm_layer, stop_after=self.mlm_layer)
-            loss = loss + self.mlm_weight * self.mlm_loss(hidden, tok.ids, where)
-        return loss
+        return F.cross_entropy(logits, pos_items)
 
     def pretrain_loss(self, interaction):
-        """Sequence-item contrastive over the (global) batch's targets + ``mlm_weight`` x MLM of both."""
+        """Sequence-item contrastive over the (global) batch's targets + ``mlm_weight`` x MLM.
+
+        Recformer (released ``RecformerForPretraining``): the contrastive vectors come from
+        clean forwards of the sequence and of the target; MLM runs on separate masked forwards
+        of both, read at the last layer.  Reo-LM overrides :meth:`pretrain_vectors`.
+        """
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         pos_items = interaction[self.POS_ITEM_ID]
-        B = item_seq.size(0)
-        tok = Tokens.cat([self.sequence_tokens(item_seq, item_seq_len), self.item_tokens(pos_items)])
-        if self.uses_mlm:
-            inp, where = self.mask_tokens(tok)
-        else:
-            inp, where = tok, None
-        cls, hidden = self.encode_tokens(inp, hidden_at=self.mlm_layer if self.uses_mlm else None)
-        (keys, targets), batch = gather_in_batch(cls[B:], pos_items, enabled=self.gather_negatives)
+        seq_tok, item_tok = self.sequence_tokens(item_seq, item_seq_len), self.item_tokens(pos_items)
+        seq_vec, item_vec, mlm = self.pretrain_vectors(seq_tok, item_tok)
+        (keys, targets), batch = gather_in_batch(item_vec, pos_items, enabled=self.gather_negatives)
         same = same_target_mask(pos_items, targets, batch.offset)
-        loss = info_nce(cls[:B], keys, self.temperature, same, "inf", batch.offset)
-        if self.uses_mlm:
-            n_seq = int(tok.lengths[:B].sum())
-            mlm_seq = self.mlm_loss(hidden[:n_seq], tok.ids[:n_seq], where[:n_seq])
-            mlm_item = self.mlm_loss(hidden[n_seq:], tok.ids[n_seq:], where[n_seq:])
-            loss = loss + self.mlm_weight * (mlm_seq + mlm_item)
-        return loss
+        loss = info_nce(seq_vec, keys, self.temperature, same, "inf", batch.offset)
+        return loss if mlm is None else loss + self.mlm_weight * mlm
+
+    def pretrain_vectors(self, seq_tok: Tokens, item_tok: Tokens):
+        """``(sequence vectors, target vectors, MLM loss or None)``: clean forwards for the
+        contrastive loss, masked forwards (sequence + target) for MLM."""
+        B = seq_tok.lengths.numel()
+        tok = Tokens.cat([seq_tok, item_tok])
+        cls, _ = self.encode_tokens(tok)
+        if not self.uses_mlm:
+            return cls[:B], cls[B:], None
+        masked, where = self.mask_tokens(tok)
+        _, hidden = self.encode_tokens(masked, hidden_at=self.mlm_layer, stop_after=self.mlm_layer)
+        n_seq = int(seq_tok.lengths.sum())
+        mlm_seq = self.mlm_loss(hidden[:n_seq], tok.ids[:n_seq], where[:n_seq])
+        mlm_item = self.mlm_loss(hidden[n_seq:], tok.ids[n_seq:], where[n_seq:])
+        return cls[:B], cls[B:], mlm_seq + mlm_item
 
     def mask_tokens(self, tok: Tokens) -> tuple[Tokens, torch.Tensor]:
         """Whole-word masking: every word of key/value tokens is picked with probability
@@ -718,6 +771,16 @@ class Recformer(MMSequentialRecommender):
     def frozen_on_transfer(self) -> list[str]:
         """Parameters frozen when fine-tuning from a checkpoint (Recformer: none, the whole model trains)."""
         return []
+
+
+_TABLE_STATE = ("item_embeddings", "table_ready", "table_stale", "table_frozen", "table_key")
+
+
+def catalogue_key(sentences: Sentences) -> int:
+    """A fingerprint of the item catalogue as the model reads it (every item's token ids)."""
+    crc = zlib.crc32(sentences.lengths.numpy().tobytes())
+    crc = zlib.crc32(sentences.ids.numpy().tobytes(), crc)
+    return int(zlib.crc32(sentences.types.numpy().tobytes(), crc))
 
 
 def _get(config, key, default):

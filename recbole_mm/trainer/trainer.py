@@ -55,6 +55,10 @@ class MMTrainer(Trainer):
         self.min_steps = int(config["stopping_min_steps"] or 0)
         self.history: list[dict] = []  # one entry per epoch: loss, seconds, validation
         self._train_loader = None
+        self.lr_schedule = config["lr_schedule"] or None
+        if self.lr_schedule not in (None, "linear_warmup"):
+            raise ValueError(f"lr_schedule must be ~ or linear_warmup, got {self.lr_schedule!r}")
+        self.warmup_steps = int(config["warmup_steps"] or 0)
         self.ddp = distributed.wrap_model(  # None in a single process
             model, self.device, find_unused_parameters=config["ddp_find_unused_parameters"] is not False)
 
@@ -98,6 +102,8 @@ class MMTrainer(Trainer):
             if world > 1:
                 loss = loss * (share * world)
             scaler.scale(loss).backward()
+            if self.lr_schedule:  # a function of the global step: a resumed run follows the same schedule
+                self._schedule_lr(epoch_idx * n_steps + step + 1, n_steps * self.epochs)
             if self.clip_grad_norm:
                 scaler.unscale_(self.optimizer)
                 clip_grad_norm_(self.model.parameters(), **self.clip_grad_norm)
@@ -105,6 +111,15 @@ class MMTrainer(Trainer):
             scaler.update()
             self.global_step += 1
         return distributed.all_reduce_sum(total)  # the global batches' losses
+
+    def _schedule_lr(self, step: int, total: int) -> None:
+        """``lr_schedule: linear_warmup`` (Recformer's / ROMA's ``get_linear_schedule_with_warmup``):
+        update ``step`` (1-based) uses ``lr * step / warmup_steps`` during the warm-up, then
+        ``lr * max(0, 1 - step / total)``."""
+        w = self.warmup_steps
+        factor = step / max(1, w) if step < w else max(0.0, 1.0 - step / max(1, total))
+        for group in self.optimizer.param_groups:
+            group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         self._train_loader = train_data
