@@ -87,7 +87,8 @@ def run(
 def _run(config, stage, mode, pretrained, resume, saved, t_start):
     init_seed(config["seed"], config["reproducibility"])
     ds = create_dataset(config)  # validates every input file; writes nothing
-    pretrained_state = load_checkpoint(pretrained)["state_dict"] if pretrained else None
+    pretrained_ckpt = load_checkpoint(pretrained) if pretrained else None
+    pretrained_state = pretrained_ckpt["state_dict"] if pretrained else None
 
     _reset_root_logger()  # so repeated runs in one process each get their own log file
     if distributed.is_main():
@@ -101,6 +102,9 @@ def _run(config, stage, mode, pretrained, resume, saved, t_start):
     init_seed(config["seed"] + distributed.rank(), config["reproducibility"])  # own random draws per rank
     net = get_model(config["model"])(config, train_data._dataset).to(config["device"])
     if pretrained_state is not None:
+        untrained = pretrained_ckpt.get("untrained_modalities") or []
+        if untrained and hasattr(net, "keep_fresh"):
+            pretrained_state = net.keep_fresh(pretrained_state, untrained)
         if hasattr(net, "load_pretrained"):
             net.load_pretrained(pretrained_state)
         else:

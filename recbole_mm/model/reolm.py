@@ -88,6 +88,7 @@ class MoLoRA(nn.Module):
 
 
 class ReoLM(Recformer):
+    MODALITY_PREFIXES = {"image": ("img_proj.",)}  # a text-only checkpoint: image projection fresh
     IMAGE_TOKEN = True
     MLM_IN_FINETUNE = True
 
