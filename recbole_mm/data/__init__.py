@@ -10,6 +10,7 @@ from recbole.utils import ModelType
 
 from recbole_mm.data.dataloader import MMFullSortEvalDataLoader, MMTrainDataLoader, trim_batch
 from recbole_mm.data.dataset import MMPretrainDataset, MMSequentialDataset
+from recbole_mm.data.demo import ensure_demo
 from recbole_mm.data.readers import DataValidationError
 
 __all__ = [
@@ -26,6 +27,8 @@ def create_dataset(config):
     """Build the dataset named by ``config`` (validated; raises :class:`DataValidationError`)."""
     if config["MODEL_TYPE"] != ModelType.SEQUENTIAL:
         raise ValueError(f"recbole_mm runs sequential recommenders; {config['model']} is {config['MODEL_TYPE'].name}")
+    for name in config["pretrain_domains"] or [config["dataset"]]:
+        ensure_demo(config["data_root"], name)  # the embedded demo, written on first use
     if config["pretrain_domains"]:
         return MMPretrainDataset(config)
     _select_split_mode(config)
