@@ -46,7 +46,8 @@ def build_config(model, dataset, stage="finetune", mode=None, config_files=None,
             config_dict["train_stage"] = f"{mode}_ft"
         elif mode == "inductive":
             raise UsageError(
-                f"{model_class.__name__} is an ID-based RecBole model: it has no inductive (feature-only) mode"
+                f"{model_class.__name__} is an ID-based RecBole model: it has no inductive (feature-only) mode; "
+                "ID models have one mode (their item IDs), so --mode can be dropped"
             )
     if stage == "pretrain" and (issubclass(model_class, MMSequentialRecommender) or model_class.__name__ == "S3Rec"):
         config_dict.setdefault("train_stage", "pretrain")

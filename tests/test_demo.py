@@ -93,10 +93,11 @@ def test_every_model_runs_on_the_demo_with_its_props(demo_root, workdir, model):
 @pytest.mark.slow
 def test_two_domain_pretraining_then_finetuning_on_the_demo(demo_root, workdir):
     quick = {"data_path": str(demo_root), "use_gpu": False, "show_progress": False, "state": "WARNING"}
-    pre = run("PMMRec", "demo_a,demo_b", "pretrain", overrides={**quick, "epochs": 2})
+    pre = run("UniSRec", "demo_a,demo_b", "pretrain", overrides={**quick, "epochs": 2})
     losses = [h["train_loss"] for h in pre["history"]]
     assert losses[-1] < losses[0]
-    ft = run("PMMRec", "demo", pretrained=pre["checkpoint"], overrides={**quick, "epochs": 2}, saved=False)
+    ft = run("UniSRec", "demo", mode="inductive", pretrained=pre["checkpoint"], overrides={**quick, "epochs": 3},
+             saved=False)
     assert ft["test"]["ndcg@10"] > popularity_ndcg10(str(demo_root), "demo")
 
 

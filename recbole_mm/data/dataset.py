@@ -46,6 +46,7 @@ import torch
 from recbole.data.dataset import SequentialDataset
 from recbole.utils import FeatureSource, FeatureType
 
+from recbole_mm.categories import prepare_hint
 from recbole_mm.data.readers import (
     DataValidationError,
     read_attributes,
@@ -103,7 +104,8 @@ class MMSequentialDataset(SequentialDataset):
         domains = self.domains()
         for d in domains:
             if not os.path.isdir(d.path):
-                raise DataValidationError(f"{d.path}: dataset folder not found (data_path/{d.name})")
+                raise DataValidationError(f"{d.path}: dataset folder not found (data_path/{d.name}); make it with: "
+                                          f"{prepare_hint(d.name, self.config['data_root'])}")
         self._load_vocabularies(domains)
         if self.benchmark_filename_list is not None:
             self._load_presplit(domains)
