@@ -20,7 +20,8 @@ What models get (shared by every model, frozen):
 * ``dataset.features[name]``: ``FloatTensor [item_num, dim]``, row 0 zeros (``name`` is
   ``"text"`` for ``plm_suffix`` and ``"image"`` for ``img_suffix``);
 * ``dataset.feature_presence[name]``: ``BoolTensor [item_num]``, False for an all-zero row
-  (missing modality) and for padding;
+  (missing modality) and for padding; a domain without the ``img_suffix`` file has all-zero
+  image rows (every image missing; one warning), so image models run on text-only data;
 * ``dataset.item_text``: list of ``item_num`` strings (``""`` for padding), when ``.text`` exists;
 * ``dataset.item_attributes``: list of ``item_num`` ``{key: value}`` dicts (``None`` for padding
   and for items the file does not list), when ``<d>.attr`` exists in some domain
