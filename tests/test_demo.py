@@ -70,6 +70,14 @@ def test_dash_d_demo_writes_it_on_first_use_and_keeps_it(tmp_path):
     assert create_dataset(cfg).item_num > ds.item_num and (tmp_path / "demo_b" / "demo_b.feat1CLS").is_file()
 
 
+def test_demo_that_cannot_be_written_is_a_one_line_error(tmp_path):
+    from recbole_mm.data import DataValidationError
+
+    (tmp_path / "afile").write_text("not a folder")
+    with pytest.raises(DataValidationError, match=r"afile/sub/demo: cannot write the demo dataset there .*--data_path"):
+        ensure_demo(str(tmp_path / "afile" / "sub"), "demo")
+
+
 def test_unisrec_beats_popularity_by_a_margin(demo_root, workdir):
     pop = popularity_ndcg10(str(demo_root), "demo")
     res = run("UniSRec", "demo", mode="inductive",

@@ -27,6 +27,8 @@ import zlib
 
 import numpy as np
 
+from recbole_mm.data.readers import DataValidationError
+
 TEXT_DIM, IMAGE_DIM = 64, 32
 COLOURS = ["black", "white", "red", "blue", "green", "silver", "orange", "grey"]
 ADJECTIVES = ["compact", "professional", "classic", "portable", "deluxe", "heavy-duty", "mini", "smart"]
@@ -71,8 +73,12 @@ def ensure_demo(root: str, name: str) -> str | None:
     folder = os.path.join(root, name)
     if not is_demo(name) or os.path.isdir(folder):
         return None
-    os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=root)
+    try:
+        os.makedirs(root, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=root)
+    except OSError as e:
+        raise DataValidationError(f"{folder}: cannot write the demo dataset there ({e.strerror}); "
+                                  "pass --data_path=<a writable folder>") from None
     try:
         write_demo(tmp, name)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
