@@ -3,7 +3,7 @@
 # features from the data pipeline), inductive and transductive, with and without the
 # pre-trained checkpoint.  Two single-threaded lanes, one per core (2-core machine).
 #
-# Data (see README "Data pipeline"):
+# Data (see docs/data.md):
 #   recbole-mm preprocess --input ../shared/data/raw/amazon2023/Office_Products \
 #       --category Office_Products --output dataset/pretrain
 #   recbole-mm extract-text --dataset dataset/pretrain/Office_Products

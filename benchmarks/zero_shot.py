@@ -12,7 +12,7 @@ Recall@10, MRR@10.  Baselines:
 * untrained (``--untrained-control``): the same architecture freshly initialised, scored
   the same way, to show what pre-training adds over a random projection of the text features.
 
-Data and pre-training (MiniLM features, 384-d, on both sides; see README "Data pipeline"):
+Data and pre-training (MiniLM features, 384-d, on both sides; see docs/data.md):
 
     recbole-mm preprocess --input ../shared/data/raw/amazon2023/Office_Products \\
         --category Office_Products --output dataset/pretrain

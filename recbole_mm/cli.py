@@ -153,8 +153,9 @@ def _main(argv=None) -> int:
 
     try:
         if args.command == "finetune":
-            run(args.model, args.dataset, "finetune", mode=args.mode, pretrained=args.pretrained,
-                resume=args.resume, config_files=args.config_files, overrides=overrides, saved=args.saved)
+            result = run(args.model, args.dataset, "finetune", mode=args.mode, pretrained=args.pretrained,
+                         resume=args.resume, config_files=args.config_files, overrides=overrides, saved=args.saved)
+            _say_where(result)
         elif args.command == "pretrain":
             if args.nproc < 1:
                 parser.error("--nproc must be >= 1")
@@ -162,12 +163,18 @@ def _main(argv=None) -> int:
                 from recbole_mm.distributed import launch
 
                 return launch(args.nproc, "recbole_mm.cli", _without_nproc(argv))
-            run(args.model, args.dataset, "pretrain", resume=args.resume,
-                config_files=args.config_files, overrides=overrides, saved=args.saved)
+            _say_where(run(args.model, args.dataset, "pretrain", resume=args.resume,
+                           config_files=args.config_files, overrides=overrides, saved=args.saved))
     except (DataValidationError, FileNotFoundError, UsageError) as e:
         print(f"recbole-mm: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _say_where(result: dict) -> None:
+    """The last lines of a run: where its checkpoint and result file went (one process prints)."""
+    if result.get("checkpoint") and int(os.environ.get("RANK", "0") or 0) == 0:
+        print(f"checkpoint: {result['checkpoint']}\nresult: {result.get('result_file')}")
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ def init_process_group(config) -> bool:
     for key in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
         if key not in os.environ:
             raise RuntimeError(f"WORLD_SIZE={env_world_size()} but {key} is not set: launch with torchrun "
-                               "or run_pretrain.py --nproc N (see README, Distributed pre-training)")
+                               "or run_pretrain.py --nproc N (see docs/distributed.md)")
     device = torch.device(config["device"])
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":

@@ -46,7 +46,8 @@ def build_config(model, dataset, stage="finetune", mode=None, config_files=None,
             config_dict["train_stage"] = f"{mode}_ft"
         elif mode == "inductive":
             raise UsageError(
-                f"{model_class.__name__} is an ID-based RecBole model: it has no inductive (feature-only) mode"
+                f"{model_class.__name__} is an ID-based RecBole model: it has no inductive (feature-only) mode; "
+                "ID models have one mode (their item IDs), so --mode can be dropped"
             )
     if stage == "pretrain" and (issubclass(model_class, MMSequentialRecommender) or model_class.__name__ == "S3Rec"):
         config_dict.setdefault("train_stage", "pretrain")
@@ -87,7 +88,8 @@ def run(
 def _run(config, stage, mode, pretrained, resume, saved, t_start):
     init_seed(config["seed"], config["reproducibility"])
     ds = create_dataset(config)  # validates every input file; writes nothing
-    pretrained_state = load_checkpoint(pretrained)["state_dict"] if pretrained else None
+    pretrained_ckpt = load_checkpoint(pretrained) if pretrained else None
+    pretrained_state = pretrained_ckpt["state_dict"] if pretrained else None
 
     _reset_root_logger()  # so repeated runs in one process each get their own log file
     if distributed.is_main():
@@ -101,6 +103,9 @@ def _run(config, stage, mode, pretrained, resume, saved, t_start):
     init_seed(config["seed"] + distributed.rank(), config["reproducibility"])  # own random draws per rank
     net = get_model(config["model"])(config, train_data._dataset).to(config["device"])
     if pretrained_state is not None:
+        untrained = pretrained_ckpt.get("untrained_modalities") or []
+        if untrained and hasattr(net, "keep_fresh"):
+            pretrained_state = net.keep_fresh(pretrained_state, untrained)
         if hasattr(net, "load_pretrained"):
             net.load_pretrained(pretrained_state)
         else:

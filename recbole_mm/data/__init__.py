@@ -10,6 +10,8 @@ from recbole.utils import ModelType
 
 from recbole_mm.data.dataloader import MMFullSortEvalDataLoader, MMTrainDataLoader, trim_batch
 from recbole_mm.data.dataset import MMPretrainDataset, MMSequentialDataset
+from recbole_mm.categories import prepare_hint
+from recbole_mm.data.demo import ensure_demo
 from recbole_mm.data.readers import DataValidationError
 
 __all__ = [
@@ -26,6 +28,8 @@ def create_dataset(config):
     """Build the dataset named by ``config`` (validated; raises :class:`DataValidationError`)."""
     if config["MODEL_TYPE"] != ModelType.SEQUENTIAL:
         raise ValueError(f"recbole_mm runs sequential recommenders; {config['model']} is {config['MODEL_TYPE'].name}")
+    for name in config["pretrain_domains"] or [config["dataset"]]:
+        ensure_demo(config["data_root"], name)  # the embedded demo, written on first use
     if config["pretrain_domains"]:
         return MMPretrainDataset(config)
     _select_split_mode(config)
@@ -37,7 +41,8 @@ def _select_split_mode(config):
     names = config["benchmark_filename"]
     path, name = config["data_path"], config["dataset"]
     if not os.path.isdir(path):
-        raise DataValidationError(f"{path}: dataset folder not found (data_path/{name}); see dataset/README.md")
+        raise DataValidationError(f"{path}: dataset folder not found (data_path/{name}); "
+                                  f"make it with: {prepare_hint(name, config['data_root'])}  (or -d demo)")
     if names and all(os.path.isfile(os.path.join(path, f"{name}.{s}.inter")) for s in names):
         return
     plain = os.path.join(path, f"{name}.inter")

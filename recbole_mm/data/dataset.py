@@ -20,7 +20,8 @@ What models get (shared by every model, frozen):
 * ``dataset.features[name]``: ``FloatTensor [item_num, dim]``, row 0 zeros (``name`` is
   ``"text"`` for ``plm_suffix`` and ``"image"`` for ``img_suffix``);
 * ``dataset.feature_presence[name]``: ``BoolTensor [item_num]``, False for an all-zero row
-  (missing modality) and for padding;
+  (missing modality) and for padding; a domain without the ``img_suffix`` file has all-zero
+  image rows (every image missing; one warning), so image models run on text-only data;
 * ``dataset.item_text``: list of ``item_num`` strings (``""`` for padding), when ``.text`` exists;
 * ``dataset.item_attributes``: list of ``item_num`` ``{key: value}`` dicts (``None`` for padding
   and for items the file does not list), when ``<d>.attr`` exists in some domain
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import os
 import re
+from logging import getLogger
 
 import numpy as np
 import pandas as pd
@@ -45,6 +47,7 @@ import torch
 from recbole.data.dataset import SequentialDataset
 from recbole.utils import FeatureSource, FeatureType
 
+from recbole_mm.categories import prepare_hint
 from recbole_mm.data.readers import (
     DataValidationError,
     read_attributes,
@@ -63,6 +66,8 @@ MODALITY_KEYS = {
     "img_suffix": ("image", "img_size"),
 }
 PAD = "[PAD]"
+# image feature size of a dataset without an image feature file (CLIP ViT-B/32, as Scientific_mm)
+DEFAULT_IMG_SIZE = 512
 
 
 class Domain:
@@ -100,7 +105,8 @@ class MMSequentialDataset(SequentialDataset):
         domains = self.domains()
         for d in domains:
             if not os.path.isdir(d.path):
-                raise DataValidationError(f"{d.path}: dataset folder not found (data_path/{d.name})")
+                raise DataValidationError(f"{d.path}: dataset folder not found (data_path/{d.name}); make it with: "
+                                          f"{prepare_hint(d.name, self.config['data_root'])}")
         self._load_vocabularies(domains)
         if self.benchmark_filename_list is not None:
             self._load_presplit(domains)
@@ -320,13 +326,19 @@ class MMSequentialDataset(SequentialDataset):
             if not suffix:
                 continue
             dim = self.config[size_key]
-            blocks = []
+            blocks = {}
+            absent = [d for d in domains if name == "image" and not os.path.isfile(d.file(suffix))]
             for d, raws in zip(domains, self._domain_raw):
+                if d in absent:
+                    continue
                 path = require_file(d.file(suffix), f"{name} feature file ({key}: {suffix})")
-                block = read_features(path, raws, dim)
-                dim = block.shape[1]
-                blocks.append(block)
-            self._feature_rows[name] = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
+                blocks[d.name] = read_features(path, raws, dim)
+                dim = blocks[d.name].shape[1]
+            if absent:
+                dim = dim or DEFAULT_IMG_SIZE
+                _warn_no_images(absent, suffix, dim)
+            rows = [blocks.get(d.name, np.zeros((len(raws), dim), dtype=np.float32)) for d, raws in zip(domains, self._domain_raw)]
+            self._feature_rows[name] = np.concatenate(rows) if len(rows) > 1 else rows[0]
             self.config[size_key] = dim  # inferred or checked
 
     def _text_item_feat(self):
@@ -361,6 +373,17 @@ class MMSequentialDataset(SequentialDataset):
             miss = int((~self.feature_presence[name][1:]).sum())
             info.append(f"{name} features: {tuple(t.shape)} ({miss} items without this modality)")
         return "\n".join(info)
+
+
+def _warn_no_images(absent: list[Domain], suffix: str, dim: int) -> None:
+    """One warning for the domains without an image feature file: their items have no image
+    (all-zero rows, as an item without an image in a ``.feat3CLS``), so the models run text-only."""
+    names = ", ".join(d.file(suffix) for d in absent)
+    getLogger("recbole_mm").warning(
+        f"warning: no image features ({names} not found): every item of {len(absent)} domain(s) is treated as "
+        f"having no image (text-only, image size {dim}). To add images: 'recbole-mm download-images' then "
+        f"'recbole-mm extract-image --dataset <folder>/<name> --images <dir>' (writes <name>.{suffix})"
+    )
 
 
 def _image_files(folder: str, domains, domain_raw) -> list[str | None]:

@@ -23,6 +23,10 @@ class MMSequentialRecommender(SequentialRecommender):
       contrastive losses gather their keys from every rank (``distributed.gather_in_batch``).
     """
 
+    # weights that only see one modality's features (``{modality: (name prefixes)}``): a
+    # checkpoint trained without that modality leaves them fresh (``untrained_modalities``)
+    MODALITY_PREFIXES: dict[str, tuple[str, ...]] = {}
+
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         self._item_cache: dict = {}
@@ -49,6 +53,24 @@ class MMSequentialRecommender(SequentialRecommender):
                 )
             self.register_buffer(f"{name}_features", dataset.features[name].clone(), persistent=False)
             self.register_buffer(f"{name}_presence", dataset.feature_presence[name].clone(), persistent=False)
+
+    def untrained_modalities(self) -> list[str]:
+        """Registered modalities that no item has (e.g. text-only data): their weights never
+        saw a feature.  Saved with checkpoints, so a transfer re-initialises them."""
+        return [m for m in ("text", "image") if hasattr(self, f"{m}_presence")
+                and not bool(getattr(self, f"{m}_presence")[1:].any())]
+
+    def keep_fresh(self, state_dict: dict, modalities) -> dict:
+        """``state_dict`` with this model's own (fresh) weights for the modalities the checkpoint
+        never saw (``MODALITY_PREFIXES``), for ``load_pretrained``."""
+        prefixes = tuple(p for m in modalities for p in self.MODALITY_PREFIXES.get(m, ()))
+        if not prefixes:
+            return state_dict
+        own = self.state_dict()
+        fresh = {k: v for k, v in own.items() if k.startswith(prefixes)}
+        getLogger().info(f"pre-trained without {'/'.join(modalities)}: {len(fresh)} tensors "
+                         f"({', '.join(p.rstrip('.') for p in prefixes)}) start fresh")
+        return {**{k: v for k, v in state_dict.items() if not k.startswith(prefixes)}, **fresh}
 
     def compute_item_table(self) -> torch.Tensor:
         raise NotImplementedError

@@ -56,6 +56,8 @@ MODAL_TYPES = {"img_text": ("text", "image"), "text": ("text",), "img": ("image"
 
 
 class MISSRec(MMSequentialRecommender):
+    MODALITY_PREFIXES = {"image": ("img_adaptor.",)}  # a text-only checkpoint: image adaptor fresh
+
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         self.train_stage = config["train_stage"]

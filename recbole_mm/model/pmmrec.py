@@ -466,6 +466,8 @@ def _mean_over_sides(sums, weights, global_counts) -> torch.Tensor:
 
 
 class PMMRec(MMSequentialRecommender):
+    MODALITY_PREFIXES = {"image": ("item_encoder.image.",)}  # a text-only checkpoint: image tower fresh
+
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         self.train_stage = config["train_stage"]

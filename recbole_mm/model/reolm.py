@@ -102,6 +102,7 @@ class AdapterMixture(nn.Module):
 
 
 class ReoLM(Recformer):
+    MODALITY_PREFIXES = {"image": ("img_proj.",)}  # a text-only checkpoint: image projection fresh
     MLM_IN_FINETUNE = True
     WHOLE_ITEMS = True  # released RecRobertaTokenizer.encode: an item that does not fit ends the sequence
 

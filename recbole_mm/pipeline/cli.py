@@ -11,13 +11,14 @@ import sys
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Register preprocess, merge, extract-text, extract-image and download-images."""
-    from recbole_mm.pipeline import images, merge, preprocess, text
+    """Register preprocess, merge, extract-text, extract-image, download-images and prepare."""
+    from recbole_mm.pipeline import images, merge, prepare, preprocess, text
 
     preprocess.register(sub)
     merge.register(sub)
     text.register(sub)
     images.register(sub)
+    prepare.register(sub)
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -346,11 +346,13 @@ def build_sequences(inter: Interactions, texts: dict, kcore_k: int, dedup: str, 
             f"no interactions left after the {kcore_k}-core filter ({_fmt(len(u))} interactions of "
             f"{_fmt(len(np.unique(u)))} users / {_fmt(len(np.unique(i)))} items before it); try a smaller --kcore"
         )
+    before = (len(np.unique(u)), len(np.unique(i)))
     u, i = u[keep], i[keep]
     counts = np.bincount(u)
     short = counts[u] < 3
     stats["users_shorter_than_3"] = int(len(np.unique(u[short])))
     u, i = u[~short], i[~short]
+    stats["kept_by_filters"] = {"users": [len(np.unique(u)), before[0]], "items": [len(np.unique(i)), before[1]]}
     if not len(u):
         raise PipelineError("no users left with at least 3 interactions (needed for leave-one-out); "
                             "try a larger dataset or --kcore 3")
@@ -359,6 +361,17 @@ def build_sequences(inter: Interactions, texts: dict, kcore_k: int, dedup: str, 
     users = u[np.r_[0, bounds]]
     seqs = np.split(i, bounds)
     return users, seqs
+
+
+def _mostly_removed(stats: dict) -> str | None:
+    """The warning when the k-core (and leave-one-out) filters removed most users or items."""
+    kept = stats["kept_by_filters"]
+    if all(2 * a >= b for a, b in kept.values()):
+        return None
+    k = stats["kcore"]
+    counts = ", ".join(f"{a:,} of {b:,} {what}" for what, (a, b) in kept.items())
+    more = f"--kcore {max(k - 2, 3)} keeps more" if k > 3 else "a larger category keeps more"
+    return f"the {k}-core filter removed most of the data: kept {counts}; {more} (shorter histories)"
 
 
 def write_dataset(folder: str, name: str, inter: Interactions, users, seqs, texts, urls, max_len: int, stats: dict,
@@ -471,6 +484,8 @@ def preprocess(
         if b.report():
             log(f"warning: {b.report()}")
     users, seqs = build_sequences(inter, texts, kcore_k, dedup, stats)
+    if _mostly_removed(stats):
+        log(f"warning: {_mostly_removed(stats)}")
     with staged_folder(final, overwrite=overwrite) as tmp:
         write_dataset(tmp, name, inter, users, seqs, texts, urls, max_len, stats, attrs)
     log(f"{name}: {_fmt(stats['users'])} users, {_fmt(stats['items'])} items, {_fmt(stats['inters'])} inters, "

@@ -199,6 +199,8 @@ class MMTrainer(Trainer):
             "metrics": to_plain({"valid": self.best_valid_result, "best_epoch": self.best_epoch,
                                  "best_step": self.best_step}),
             "item_tokens": self.item_tokens,
+            # modalities no item had (text-only data): a transfer leaves their weights fresh
+            "untrained_modalities": getattr(self.model, "untrained_modalities", list)(),
         }
 
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
