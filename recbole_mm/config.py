@@ -106,6 +106,12 @@ def check_values(config, where=lambda key: f"config key {key!r}") -> None:
     topk = [topk] if isinstance(topk, int) and not isinstance(topk, bool) else topk
     if not isinstance(topk, list) or not topk or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in topk):
         raise ConfigError(f"{where('topk')}: expected a positive integer or a list of them, got {config['topk']!r}")
+    metric, _, k = str(config["valid_metric"] or "").lower().partition("@")
+    metrics = config["metrics"] or []
+    computed = {str(m).lower() for m in ([metrics] if isinstance(metrics, str) else metrics)}
+    if metric and (metric not in computed or (k and (not k.isdigit() or int(k) not in topk))):
+        raise ConfigError(f"{where('valid_metric')}: {config['valid_metric']!r} is not computed by metrics "
+                          f"{config['metrics']} at topk {topk}")
 
 
 def props_dir() -> Path:
