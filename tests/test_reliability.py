@@ -211,6 +211,26 @@ def _config_file(text: bytes, fragment, *flags):
     return case
 
 
+def _plain_inter_non_utf8(e):
+    from fixtures import make_dataset
+
+    make_dataset(e.tmp / "plain", "P", plain_inter=True)
+    path = e.tmp / "plain" / "P" / "P.inter"
+    lines = path.read_bytes().split(b"\n")
+    lines[4] = lines[4] + b"\x80"
+    path.write_bytes(b"\n".join(lines))
+    argv = e.finetune() + [f"--data_path={e.tmp / 'plain'}"]
+    argv[argv.index("Tiny")] = "P"
+    argv.remove(f"--data_path={e.data}")
+    return argv, ["P.inter:5", "not UTF-8"]
+
+
+def _recommend_truncated(e):
+    path = _truncated(e)
+    return ["recommend", path, "--history", "A000001", "--output", str(e.tmp / "recs.jsonl")], \
+        ["full.pth", "not a recbole_mm checkpoint"]
+
+
 def _run_name_taken(e):
     lock = RunLock(str(e.run / "saved" / "taken")).acquire()  # another live run holds the name
     e.keep = lock
@@ -231,6 +251,7 @@ CORPUS = {
     "train_batch_size_text": _bad_value("train_batch_size", "big"),
     "eval_batch_size_zero": _bad_value("eval_batch_size", 0),
     "stopping_step_zero": _bad_value("stopping_step", 0),
+    "eval_step_negative": _bad_value("eval_step", -1),
     "max_len_zero": _bad_value("MAX_ITEM_LIST_LENGTH", 0),
     "topk_zero": lambda e: (e.finetune(topk="[0]"), ["topk"]),
     "topk_text": lambda e: (e.finetune(topk="many"), ["topk"]),
@@ -281,8 +302,10 @@ CORPUS = {
     "raw_gz_fake": _gz(_fake_gz),
     "raw_reviews_not_utf8": _raw_non_utf8,
     "raw_meta_not_utf8": _meta_non_utf8,
+    "plain_inter_not_utf8": _plain_inter_non_utf8,
     # recommend
     "histories_not_utf8": _histories_non_utf8,
+    "recommend_truncated_checkpoint": _recommend_truncated,
     # run names
     "run_name_in_use": _run_name_taken,
 }
