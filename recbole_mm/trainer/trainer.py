@@ -44,7 +44,7 @@ from recbole_mm.trainer.checkpoint import (
 
 # config keys a resume may change: they do not alter what was trained so far (the length of
 # training, evaluation batching, where files are, devices and processes, logging); any other
-# changed key is refused (check_resume_config)
+# changed key is refused (check_resume_checkpoint)
 RESUME_FREE_KEYS = frozenset({
     "epochs", "stopping_step", "eval_step", "eval_batch_size", "show_progress", "state", "checkpoint_dir",
     "data_path", "data_root", "use_gpu", "gpu_id", "device", "local_rank", "world_size", "single_spec", "nproc",
