@@ -39,6 +39,9 @@ def _common(p: argparse.ArgumentParser, datasets_help: str) -> None:
     p.add_argument("--config_files", nargs="+", default=None, metavar="YAML", help="extra YAML config files, applied after props/")
     p.add_argument("--resume", default=None, metavar="CKPT", help="continue an interrupted run from its checkpoint (<run>.pth or <run>.resume.pth)")
     p.add_argument("--no-save", dest="saved", action="store_false", help="do not write checkpoints or the result JSON")
+    p.add_argument("--strict-config", dest="strict_config", action="store_true",
+                   help="an unknown config key (--key=value or in --config_files) is an error (default: a warning "
+                        "naming the closest known key)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,13 +151,16 @@ def _main(argv=None) -> int:
         return run_command(args)
     overrides = parse_overrides(rest)
 
+    from recbole_mm.config import ConfigError
     from recbole_mm.data import DataValidationError
     from recbole_mm.quick_start import UsageError, run
+    from recbole_mm.trainer.checkpoint import CheckpointError
 
     try:
         if args.command == "finetune":
             result = run(args.model, args.dataset, "finetune", mode=args.mode, pretrained=args.pretrained,
-                         resume=args.resume, config_files=args.config_files, overrides=overrides, saved=args.saved)
+                         resume=args.resume, config_files=args.config_files, overrides=overrides, saved=args.saved,
+                         strict_config=args.strict_config)
             _say_where(result)
         elif args.command == "pretrain":
             if args.nproc < 1:
@@ -164,8 +170,9 @@ def _main(argv=None) -> int:
 
                 return launch(args.nproc, "recbole_mm.cli", _without_nproc(argv))
             _say_where(run(args.model, args.dataset, "pretrain", resume=args.resume,
-                           config_files=args.config_files, overrides=overrides, saved=args.saved))
-    except (DataValidationError, FileNotFoundError, UsageError) as e:
+                           config_files=args.config_files, overrides=overrides, saved=args.saved,
+                           strict_config=args.strict_config))
+    except (DataValidationError, FileNotFoundError, UsageError, ConfigError, CheckpointError) as e:
         print(f"recbole-mm: error: {e}", file=sys.stderr)
         return 2
     return 0

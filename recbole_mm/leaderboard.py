@@ -66,6 +66,7 @@ HASH_EXCLUDE = frozenset({
     "run_name", "checkpoint_dir", "show_progress", "state", "log_wandb", "wandb_project",
     "device", "use_gpu", "gpu_id", "local_rank", "world_size", "single_spec", "nproc", "offset",
     "ip", "port", "dist_timeout", "worker", "data_path", "data_root",
+    "encoding",  # how a byte-order mark is read, not what is trained: cells of earlier runs stay finished
 })
 
 METRIC_ORDER = ("recall", "ndcg", "mrr", "hit", "precision", "map")

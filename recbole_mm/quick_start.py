@@ -20,13 +20,15 @@ from logging import getLogger
 from time import perf_counter
 
 import torch
-from recbole.utils import init_logger, init_seed
+from recbole.utils import get_local_time, init_logger, init_seed
 
 from recbole_mm import distributed
 from recbole_mm.config import Config, config_to_plain
 from recbole_mm.data import create_dataset, data_preparation
-from recbole_mm.model.abstract import MMSequentialRecommender
+from recbole_mm.model.abstract import MMSequentialRecommender, check_pretrained_checkpoint, load_pretrained_state
 from recbole_mm.trainer import MMTrainer, load_checkpoint
+from recbole_mm.trainer.checkpoint import RunLock, remove_stale_temps, run_base
+from recbole_mm.trainer.trainer import check_resume_checkpoint
 from recbole_mm.utils import get_model
 
 MODES = ("inductive", "transductive")
@@ -36,8 +38,12 @@ class UsageError(ValueError):
     """A combination of model, stage and options that cannot run (reported without a traceback)."""
 
 
-def build_config(model, dataset, stage="finetune", mode=None, config_files=None, config_dict=None, overrides=None):
-    model_class = get_model(model) if isinstance(model, str) else model
+def build_config(model, dataset, stage="finetune", mode=None, config_files=None, config_dict=None, overrides=None,
+                 strict_config=False):
+    try:
+        model_class = get_model(model) if isinstance(model, str) else model
+    except ValueError as e:  # an unknown name: the message lists the known ones
+        raise UsageError(str(e)) from None
     config_dict = dict(config_dict or {})
     if mode is not None:
         if mode not in MODES:
@@ -51,7 +57,7 @@ def build_config(model, dataset, stage="finetune", mode=None, config_files=None,
             )
     if stage == "pretrain" and (issubclass(model_class, MMSequentialRecommender) or model_class.__name__ == "S3Rec"):
         config_dict.setdefault("train_stage", "pretrain")
-    config = Config(model_class, dataset, stage, config_files, config_dict, overrides)
+    config = Config(model_class, dataset, stage, config_files, config_dict, overrides, strict_keys=strict_config)
     if config["model"] == "S3Rec" and config["train_stage"] == "finetune" and not config["pre_model_path"]:
         raise UsageError(
             "S3Rec fine-tuning needs --pre_model_path=<checkpoint> from "
@@ -71,10 +77,15 @@ def run(
     config_dict=None,
     overrides=None,
     saved=True,
+    strict_config=False,
 ):
-    """Train and evaluate one model; returns the result dict (also written as JSON)."""
+    """Train and evaluate one model; returns the result dict (also written as JSON).
+
+    Every check that can fail runs before anything is written (dataset, ``topk``, the ``-p``
+    checkpoint's model and feature sizes, the ``--resume`` state and its config); the run then
+    owns its name (:class:`RunLock`) until it returns."""
     t_start = perf_counter()
-    config = build_config(model, dataset, stage, mode, config_files, config_dict, overrides)
+    config = build_config(model, dataset, stage, mode, config_files, config_dict, overrides, strict_config)
     world = distributed.env_world_size()
     if world > 1 and int(config["train_batch_size"]) % world:
         raise UsageError(
@@ -88,31 +99,64 @@ def run(
 def _run(config, stage, mode, pretrained, resume, saved, t_start):
     init_seed(config["seed"], config["reproducibility"])
     ds = create_dataset(config)  # validates every input file; writes nothing
-    pretrained_ckpt = load_checkpoint(pretrained) if pretrained else None
-    pretrained_state = pretrained_ckpt["state_dict"] if pretrained else None
+    check_topk(config, ds)
+    pretrained_state, untrained = None, []
+    if pretrained:
+        ckpt = load_checkpoint(pretrained)
+        check_pretrained_checkpoint(ckpt, get_model(config["model"]), config, pretrained)
+        pretrained_state = ckpt["state_dict"]
+        untrained = ckpt.get("untrained_modalities") or []  # text-only pre-training: image side stays fresh
+        del ckpt
+    if resume:
+        resume, _ = check_resume_checkpoint(resume, config)
+        base = run_base(resume)
+    else:
+        name = config["run_name"] or f"{config['model']}-{config['dataset']}-{get_local_time()}"
+        base = os.path.join(config["checkpoint_dir"], distributed.broadcast_object(name))  # rank 0's time
+    lock = RunLock(base) if saved and distributed.is_main() else None
+    if lock is not None:
+        lock.acquire()  # refused while another process runs under the same name
+    try:
+        return _train(config, ds, stage, mode, pretrained, pretrained_state, untrained, resume, saved, t_start, base)
+    finally:
+        if lock is not None:
+            lock.release()
 
+
+def check_topk(config, ds) -> None:
+    """``topk`` must fit the catalogue (RecBole fails after the first epoch otherwise)."""
+    n_items = ds.item_num - 1  # without padding
+    too_big = [k for k in config["topk"] if k > n_items]
+    if too_big:
+        raise UsageError(f"topk {config['topk']}: {too_big[0]} is larger than the catalogue of {config['dataset']} "
+                         f"({n_items} items); every topk must be <= {n_items}")
+
+
+def _train(config, ds, stage, mode, pretrained, pretrained_state, untrained, resume, saved, t_start, base):
     _reset_root_logger()  # so repeated runs in one process each get their own log file
     if distributed.is_main():
         init_logger(config)
     else:
         distributed.setup_rank_logging()  # no log file; warnings and errors to stderr
     logger = getLogger()
+    if saved and distributed.is_main():
+        for path in remove_stale_temps(base):
+            logger.warning(f"removed {path}: a temporary file left by an interrupted run of {os.path.basename(base)}")
     logger.info(config)
     logger.info(ds)
     train_data, valid_data, test_data = data_preparation(config, ds)
     init_seed(config["seed"] + distributed.rank(), config["reproducibility"])  # own random draws per rank
     net = get_model(config["model"])(config, train_data._dataset).to(config["device"])
     if pretrained_state is not None:
-        untrained = pretrained_ckpt.get("untrained_modalities") or []
         if untrained and hasattr(net, "keep_fresh"):
             pretrained_state = net.keep_fresh(pretrained_state, untrained)
         if hasattr(net, "load_pretrained"):
             net.load_pretrained(pretrained_state)
-        else:
-            net.load_state_dict(pretrained_state, strict=False)
+        else:  # RecBole's models: the same checked loading
+            load_pretrained_state(net, pretrained_state)
         logger.info(f"pre-trained weights from {pretrained}")
     logger.info(net)
-    trainer = MMTrainer(config, net, ds)
+    trainer = MMTrainer(config, net, ds, run_name=os.path.basename(base))
     if resume:
         trainer.resume_checkpoint(resume, train_data)
 
@@ -188,7 +232,7 @@ def metrics_table(valid: dict | None, test: dict | None) -> str:
 def write_json(obj, path):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=folder)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=1, default=_json_default)

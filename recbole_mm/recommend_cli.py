@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import re
@@ -81,14 +82,19 @@ def split_history(text: str) -> list[str]:
 
 
 def read_histories(path: str) -> list[tuple[int, list[str]]]:
-    """``(line number, ids)`` for each non-blank, non-comment line."""
-    f = sys.stdin if path == "-" else open(path, encoding="utf-8")
-    with f if path != "-" else contextlib.nullcontext(f):
-        return [
-            (n, split_history(line))
-            for n, line in enumerate(f, 1)
-            if line.strip() and not line.lstrip().startswith("#")
-        ]
+    """``(line number, ids)`` for each non-blank, non-comment line (UTF-8, checked as every input
+    file: a byte-order mark is stripped, an undecodable byte is an error naming its line)."""
+    from recbole_mm.data.readers import check_utf8, open_text
+
+    if path == "-":
+        data = sys.stdin.buffer.read()
+        check_utf8("<stdin>", io.BytesIO(data))
+        lines = data.decode("utf-8-sig").split("\n")
+    else:
+        with open_text(path) as f:
+            lines = f.read().split("\n")
+    return [(n, split_history(line)) for n, line in enumerate(lines, 1)
+            if line.strip() and not line.lstrip().startswith("#")]
 
 
 def main(args: argparse.Namespace) -> int:

@@ -45,8 +45,17 @@ def get_model(name: str):
     known = sorted(_MODEL_MODULES)
     raise ValueError(
         f"unknown model '{name}': not a recbole_mm model ({', '.join(known)}) "
-        f"nor a RecBole sequential model (e.g. SASRec, GRU4Rec, BERT4Rec, FDSA, S3Rec)"
+        f"nor a RecBole sequential model ({', '.join(recbole_sequential_models())})"
     )
+
+
+def recbole_sequential_models() -> list[str]:
+    """Names of RecBole's sequential models (its module names, case-insensitive for ``get_model``)."""
+    import pkgutil
+
+    import recbole.model.sequential_recommender as seq
+
+    return sorted((m.name for m in pkgutil.iter_modules(seq.__path__)), key=str.lower)
 
 
 def available_models() -> list[str]:

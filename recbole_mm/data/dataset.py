@@ -50,6 +50,8 @@ from recbole.utils import FeatureSource, FeatureType
 from recbole_mm.categories import prepare_hint
 from recbole_mm.data.readers import (
     DataValidationError,
+    check_utf8,
+    open_text,
     read_attributes,
     read_features,
     read_index_file,
@@ -122,6 +124,13 @@ class MMSequentialDataset(SequentialDataset):
         if self.config["text_as_item_feature"]:
             self._text_item_feat()
 
+    def _load_feat(self, filepath, source):
+        """RecBole's reader of a plain atomic file (``encoding: utf-8-sig`` strips a byte-order
+        mark), after the same UTF-8 check as every other input file."""
+        if os.path.isfile(filepath):
+            check_utf8(filepath)
+        return super()._load_feat(filepath, source)
+
     def _load_vocabularies(self, domains):
         item_tokens, item_raw, item_domain, user_tokens = [], [], [], []
         have_items = [os.path.isfile(d.file("item2index")) for d in domains]
@@ -168,9 +177,8 @@ class MMSequentialDataset(SequentialDataset):
             frames = []
             for d in domains:
                 path = require_file(d.file(f"{split}.inter"), f"{split} split")
-                frames.append(
-                    read_presplit_inter(path, item_vocab(d), user_vocab(d), max_len)
-                )
+                evaluation = split != self.benchmark_filename_list[0]  # valid / test: one row per user
+                frames.append(read_presplit_inter(path, item_vocab(d), user_vocab(d), max_len, evaluation))
             df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
             if split == self.benchmark_filename_list[0]:
                 df = self._train_users_subset(df, uid, path)
@@ -407,7 +415,7 @@ def _image_files(folder: str, domains, domain_raw) -> list[str | None]:
 def _merged_item_domains(path: str, item_raw: list[str]) -> list[int]:
     """Domain index of each item of a merged folder (``recbole-mm merge``): raw ids are
     ``"<domain>:<raw>"`` and ``<name>.pt_datasets`` lists the domains in order."""
-    with open(path, encoding="utf-8") as f:
+    with open_text(path) as f:
         names = [n.strip() for n in f.readline().split(",") if n.strip()]
     index = {n: k for k, n in enumerate(names)}
     out = []

@@ -25,6 +25,44 @@ def _fail(path, where, msg):
     raise DataValidationError(f"{loc}: {msg}")
 
 
+BOM = b"\xef\xbb\xbf"
+_CHUNK = 1 << 24
+
+
+def check_utf8(path: str, stream=None) -> None:
+    """Raise :class:`DataValidationError` ``path:line`` when the file (or the binary ``stream``,
+    reported as ``path``) is not UTF-8 text; read in blocks cut at a newline, so a multi-byte
+    character is never split.  A leading byte-order mark is allowed: every text reader strips
+    it (:func:`open_text`)."""
+    if stream is None:
+        with open(path, "rb") as f:
+            return check_utf8(path, f)
+    lineno, rest = 1, b""
+    while True:
+        block = stream.read(_CHUNK)
+        data = rest + block
+        cut = len(data) if not block else data.rfind(b"\n") + 1
+        piece, rest = data[:cut], data[cut:]
+        try:
+            piece.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line_start = piece.rfind(b"\n", 0, e.start) + 1
+            _fail(path, lineno + piece.count(b"\n", 0, e.start),
+                  f"not UTF-8 text (byte 0x{piece[e.start]:02x} at column {e.start - line_start + 1}); "
+                  "save the file as UTF-8")
+        lineno += piece.count(b"\n")
+        if not block:
+            return
+
+
+def open_text(path: str):
+    """Open a UTF-8 text input file for reading: checked first (:func:`check_utf8`: one error naming
+    the file and line of the first undecodable byte), a leading byte-order mark stripped.  Every
+    text input (atomic files, histories, config files) is opened through here."""
+    check_utf8(path)
+    return open(path, encoding="utf-8-sig")
+
+
 def require_file(path: str, what: str) -> str:
     if not os.path.isfile(path):
         _fail(path, None, f"missing {what}")
@@ -38,7 +76,7 @@ def read_index_file(path: str) -> list[str]:
     """
     raw_by_index: dict[int, str] = {}
     seen_raw: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
+    with open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             line = line.rstrip("\n").rstrip("\r")
             parts = line.split("\t")
@@ -67,7 +105,7 @@ def read_index_file(path: str) -> list[str]:
 
 
 def _read_header(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as f:
+    with open_text(path) as f:
         first = f.readline()
     if not first:
         _fail(path, 1, "file is empty; expected a header line")
@@ -79,11 +117,13 @@ def read_presplit_inter(
     item_vocab: dict[str, int] | None,
     user_vocab: dict[str, int] | None,
     max_len: int,
+    one_row_per_user: bool = False,
 ) -> pd.DataFrame:
     """Read ``<d>.<split>.inter`` (``user_id:token item_id_list:token_seq item_id:token``).
 
     Tokens are mapped through ``item_vocab``/``user_vocab`` (token -> internal id) when given;
-    an unknown token is an error naming its line.  Item lists keep their last ``max_len``
+    an unknown token is an error naming its line; with ``one_row_per_user`` (valid / test) a user
+    listed twice is one too (it would be counted twice).  Item lists keep their last ``max_len``
     items.  Returns a DataFrame with ``user_id``, ``item_id_list`` (arrays) and ``item_id``.
     """
     header = _read_header(path)
@@ -96,6 +136,7 @@ def read_presplit_inter(
             header=0,
             names=["user_id", "item_id_list", "item_id"],
             dtype=str,
+            encoding="utf-8-sig",  # checked by _read_header (open_text)
             keep_default_na=False,
             na_values=[],
             quoting=csv.QUOTE_NONE,
@@ -117,6 +158,13 @@ def read_presplit_inter(
         if empty.any():
             r = int(np.argmax(empty))
             _fail(path, int(lines[r]), f"empty {col} (expected 3 tab-separated columns: user, item list, item)")
+    if one_row_per_user:
+        twice = df["user_id"].duplicated().to_numpy()
+        if twice.any():
+            r = int(np.argmax(twice))
+            first = int(np.argmax((df["user_id"] == df["user_id"].iloc[r]).to_numpy()))
+            _fail(path, int(lines[r]), f"user {df['user_id'].iloc[r]!r} listed twice (also line {int(lines[first])}); "
+                                       "an evaluation split holds one row per user")
     seqs = df["item_id_list"].str.split(" ")
     seqs = seqs.map(lambda s: [t for t in s if t])
     lengths = seqs.map(len).to_numpy()
@@ -160,7 +208,7 @@ def read_text(path: str, raw_ids: list[str]) -> list[str]:
     if tuple(header) != TEXT_HEADER:
         _fail(path, 1, f"header must be {'<TAB>'.join(TEXT_HEADER)!r}, got {'<TAB>'.join(header)!r}")
     texts: dict[str, str] = {}
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # checked by _read_header (open_text)
         next(f)
         for lineno, line in enumerate(f, 2):
             line = line.rstrip("\n").rstrip("\r")
@@ -175,6 +223,33 @@ def read_text(path: str, raw_ids: list[str]) -> list[str]:
             _fail(path, None, f"item {raw!r} (from .item2index) has no text; every item needs one")
         out.append(t)
     return out
+
+
+def _odd(a: np.ndarray) -> float:
+    """Share of values no feature extractor writes (|x| > 1e8, or 0 < |x| < 1e-30)."""
+    a = np.abs(a[np.isfinite(a)])
+    return float(((a > 1e8) | ((a > 0) & (a < 1e-30))).mean()) if a.size else 1.0
+
+
+def _float64_hint(n_floats: int, n_items: int, dim: int | None) -> str:
+    if dim and n_floats == 2 * n_items * dim:
+        return f" (twice {n_items} x {dim}: float64 data? float32 expected)"
+    return ""
+
+
+def check_feature_values(path: str, rows: np.ndarray) -> None:
+    """Refuse a feature table that cannot be right, from ``rows`` (its first rows, float32 as read):
+    float64 data read as float32 (half of the values are the low words of doubles: absurd
+    magnitudes, while the same bytes read as float64 are ordinary numbers)."""
+    flat = rows.reshape(-1)[: rows.size - rows.size % 2]
+    if flat.size and _odd(flat) > 0.05 and _odd(flat.view("<f8")) < 0.01:
+        _fail(path, None, "holds float64 values (read as float32, half of them are absurd: |x| > 1e8 or < 1e-30); "
+                          "features must be little-endian float32 (numpy: arr.astype('<f4').tofile(path))")
+
+
+def _all_zero(path: str) -> None:
+    _fail(path, None, "every value is 0: no item has this modality (a failed extraction?); "
+                      "remove the file's suffix from the config or extract the features again")
 
 
 def read_features(path: str, raw_ids: list[str], dim: int | None) -> np.ndarray:
@@ -192,8 +267,12 @@ def read_features(path: str, raw_ids: list[str], dim: int | None) -> np.ndarray:
         _fail(path, None, f"size {size} bytes is not a multiple of 4*dim = {4 * dim}")
     rows = n_floats // dim
     if rows != n_items:
-        _fail(path, None, f"has {rows} rows of dim {dim}, expected {n_items} (one per item in .item2index)")
+        _fail(path, None, f"has {rows} rows of dim {dim}, expected {n_items} (one per item in .item2index)"
+                          + _float64_hint(n_floats, n_items, dim))
     arr = np.fromfile(path, dtype="<f4").reshape(n_items, dim)
+    check_feature_values(path, arr[:4096])
+    if not arr.any():
+        _all_zero(path)
     finite = np.isfinite(arr).all(axis=1)
     if not finite.all():
         r = int(np.argmin(finite))
@@ -219,10 +298,11 @@ def read_feature_table(path: str, raw_ids: list[str], dim: int, what: str = "fea
     if size == 0 or size % 4:
         _fail(path, None, f"size {size} bytes is not a positive multiple of 4 (float32 rows expected)")
     n_floats = size // 4
+    hint = _float64_hint(n_floats, n_items, dim)
     if n_floats % n_items == 0 and n_floats // n_items != dim:
-        _fail(path, None, f"has {n_items} rows of dim {n_floats // n_items}; expected dim {dim} ({what})")
+        _fail(path, None, f"has {n_items} rows of dim {n_floats // n_items}; expected dim {dim} ({what}){hint}")
     if n_floats != n_items * dim:
-        _fail(path, None, f"has {n_floats} floats, expected {n_items} rows (one per item in .item2index) of dim {dim} ({what})")
+        _fail(path, None, f"has {n_floats} floats, expected {n_items} rows (one per item in .item2index) of dim {dim} ({what}){hint}")
     table = torch.zeros(n_items + 1, dim, dtype=torch.float32)
     body = table.numpy()[1:]
     if sys.byteorder == "little":
@@ -231,11 +311,17 @@ def read_feature_table(path: str, raw_ids: list[str], dim: int, what: str = "fea
                 _fail(path, None, "could not be read completely")
     else:  # pragma: no cover - big-endian hosts
         body[:] = np.fromfile(path, dtype="<f4").reshape(n_items, dim)
+    check_feature_values(path, body[:4096])
+    nonzero = False
     for start in range(0, n_items, chunk_rows):
-        finite = torch.isfinite(table[1 + start : 1 + start + chunk_rows]).all(dim=1)
+        block = table[1 + start : 1 + start + chunk_rows]
+        finite = torch.isfinite(block).all(dim=1)
         if not bool(finite.all()):
             r = start + int(torch.nonzero(~finite)[0])
             _fail(path, f"row {r}", f"item {raw_ids[r]!r} has NaN or Inf values")
+        nonzero = nonzero or bool(block.any())
+    if not nonzero:
+        _all_zero(path)
     return table
 
 
@@ -259,7 +345,7 @@ def read_attributes(path: str, raw_ids: list[str]) -> tuple[list[str], list[dict
         keys.append(key)
     wanted = {raw: i for i, raw in enumerate(raw_ids)}
     rows: list[dict[str, str] | None] = [None] * len(raw_ids)
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # checked by _read_header (open_text)
         next(f)
         for lineno, line in enumerate(f, 2):
             cells = line.rstrip("\n").rstrip("\r").split("\t")

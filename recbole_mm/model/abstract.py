@@ -9,6 +9,76 @@ import torch
 from torch import nn
 from recbole.model.abstract_recommender import SequentialRecommender
 
+from recbole_mm.trainer.checkpoint import CheckpointError
+
+
+def load_pretrained_state(model: nn.Module, state_dict: dict, wanted=None, who: str | None = None,
+                          needs: str = "same model, hidden_size and feature sizes") -> list[str]:
+    """Load the weights of a pre-trained ``state_dict`` into ``model`` after checking that they fit:
+    every model's ``-p`` (ours through ``load_pretrained``, RecBole's directly) goes through here.
+
+    ``wanted``: the keys the model takes from the checkpoint (default: every key the two share,
+    plus the parameters ``model.frozen_on_transfer()`` lists, which must come from the
+    checkpoint).  Each must be in the checkpoint with the model's shape, except item-ID tables
+    (first dimension the model's ``n_items``), which stay fresh on another catalogue.  Anything
+    else is one :class:`CheckpointError` naming what does not fit; so is a checkpoint that
+    shares no weight with the model.  Returns the keys loaded."""
+    own = model.state_dict()
+    who = who or type(model).__name__
+    if wanted is None:
+        n_items = getattr(model, "n_items", None)
+        frozen = set(model.frozen_on_transfer()) if hasattr(model, "frozen_on_transfer") else set()
+        wanted = [k for k in own if k in frozen or (k in state_dict and not _catalogue_sized(own[k], state_dict[k], n_items))]
+    missing = [k for k in wanted if k not in state_dict]
+    shaped = [k for k in wanted if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+    if missing or shaped or not wanted:
+        what = [f"{k} (missing)" for k in missing[:3]] + [
+            f"{k} (checkpoint {tuple(state_dict[k].shape)}, model {tuple(own[k].shape)})" for k in shaped[:3]]
+        if not wanted:
+            raise CheckpointError(f"{who}: the checkpoint shares no weight with the model ({needs} needed)")
+        raise CheckpointError(
+            f"{who}: the checkpoint does not fit {len(missing) + len(shaped)} of the {len(wanted)} weights to load, "
+            f"e.g. {'; '.join(what)} ({needs} needed)"
+        )
+    model.load_state_dict({k: state_dict[k] for k in wanted}, strict=False)
+    fresh = sorted(set(own) - set(wanted))
+    skipped = sorted(set(state_dict) - set(wanted))
+    getLogger().info(f"{who}: loaded {len(wanted)} pre-trained tensors; fresh: {fresh}; not used: {skipped}")
+    return wanted
+
+
+# feature file key -> feature size key: a model on features of another size cannot take the weights
+_FEATURE_SIZES = {"plm_suffix": "plm_size", "img_suffix": "img_size"}
+
+
+def check_pretrained_checkpoint(ckpt: dict, model_class: type, config, path: str) -> None:
+    """What can be checked of a ``-p`` checkpoint before the model is built (one
+    :class:`CheckpointError` naming what does not fit): written by this model class (or a class
+    it derives from), and, for our feature-based models, on features of the same sizes."""
+    written_by = ckpt.get("model")
+    lineage = [c.__name__ for c in model_class.__mro__]
+    if written_by not in lineage:
+        raise CheckpointError(
+            f"{path}: a {written_by} checkpoint cannot initialise {model_class.__name__} (-p takes a checkpoint "
+            f"of the same model, e.g. from 'recbole-mm pretrain -m {model_class.__name__}')"
+        )
+    if not issubclass(model_class, MMSequentialRecommender):
+        return
+    theirs = ckpt.get("config") or {}
+    for suffix_key, size_key in _FEATURE_SIZES.items():
+        if config[suffix_key] and theirs.get(suffix_key) and theirs.get(size_key) and config[size_key] \
+                and int(theirs[size_key]) != int(config[size_key]):
+            raise CheckpointError(
+                f"{path}: trained on {size_key} {theirs[size_key]} ({theirs[suffix_key]} features), this dataset's "
+                f"{config[suffix_key]} features have {size_key} {config[size_key]}: extract them with the same encoder"
+            )
+
+
+def _catalogue_sized(mine: torch.Tensor, theirs: torch.Tensor, n_items) -> bool:
+    """An item-ID table of another catalogue: rows = the model's items, same row shape."""
+    return (n_items is not None and mine.dim() >= 1 and mine.shape != theirs.shape and mine.shape[0] == n_items
+            and theirs.dim() == mine.dim() and theirs.shape[1:] == mine.shape[1:])
+
 
 class MMSequentialRecommender(SequentialRecommender):
     """A RecBole ``SequentialRecommender`` with shared feature tables and an item-table cache.
@@ -97,11 +167,7 @@ class MMSequentialRecommender(SequentialRecommender):
             self._item_cache_on, self._item_cache = False, {}
 
     def load_pretrained(self, state_dict: dict) -> None:
-        """Load transferable weights from a pre-training checkpoint (missing keys stay fresh)."""
-        own = self.state_dict()
-        usable = {k: v for k, v in state_dict.items() if k in own and own[k].shape == v.shape}
-        skipped = sorted(set(state_dict) - set(usable))
-        missing = sorted(set(own) - set(usable))
-        self.load_state_dict(usable, strict=False)
-        log = getLogger()
-        log.info(f"loaded {len(usable)} pre-trained tensors; fresh: {missing}; skipped: {skipped}")
+        """Load transferable weights from a pre-training checkpoint, checked
+        (:func:`load_pretrained_state`); parameters the checkpoint lacks stay fresh unless
+        ``frozen_on_transfer`` lists them (then it is an error)."""
+        load_pretrained_state(self, state_dict)

@@ -111,7 +111,7 @@ from recbole.model.layers import TransformerEncoder
 from torch import nn
 
 from recbole_mm.distributed import gather_in_batch, global_mean_weights
-from recbole_mm.model.abstract import MMSequentialRecommender
+from recbole_mm.model.abstract import MMSequentialRecommender, load_pretrained_state
 from recbole_mm.model.layers import MoEAdaptor, Packing, PWLayer, info_nce, packed_encoder, same_target_mask
 
 STAGES = ("pretrain", "inductive_ft", "transductive_ft")
@@ -862,18 +862,8 @@ class PMMRec(MMSequentialRecommender):
         checkpoint lacks or holds with another shape (another fusion, feature size, encoder
         mode) is an error."""
         prefixes = self.transferred_prefixes()
-        own = self.state_dict()
-        wanted = [k for k in own if k.startswith(prefixes)]
-        missing = [k for k in wanted if k not in state_dict]
-        shaped = [k for k in wanted if k in state_dict and state_dict[k].shape != own[k].shape]
-        if missing or shaped:
-            what = [f"{k} (missing)" for k in missing[:3]] + [
-                f"{k} (checkpoint {tuple(state_dict[k].shape)}, model {tuple(own[k].shape)})" for k in shaped[:3]]
-            raise ValueError(
-                f"PMMRec transfer_mode {self.transfer_mode}: the checkpoint does not fit {len(missing) + len(shaped)} "
-                f"of the {len(wanted)} weights to load, e.g. {'; '.join(what)} (same item_encoder_mode, fusion, "
-                "hidden_size and feature sizes needed)"
-            )
-        self.load_state_dict({k: state_dict[k] for k in wanted}, strict=False)
+        wanted = [k for k in self.state_dict() if k.startswith(prefixes)]
+        load_pretrained_state(self, state_dict, wanted, f"PMMRec transfer_mode {self.transfer_mode}",
+                              "same item_encoder_mode, fusion, hidden_size and feature sizes")
         getLogger().info(f"PMMRec: transfer_mode {self.transfer_mode}: loaded {len(wanted)} tensors "
                          f"({', '.join(p.rstrip('.') for p in prefixes)}); the rest is freshly initialised")

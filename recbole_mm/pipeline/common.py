@@ -61,6 +61,38 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         raise
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_partials(final: str, say=None) -> list[str]:
+    """Remove the ``.<name>.partial-<pid>-*`` / ``.<name>.old-*`` folders that an interrupted
+    (killed) run of the same output left next to ``final``, saying so; a folder whose process is
+    still running is left alone.  Returns the removed paths."""
+    say = say or (lambda msg: print(msg, file=sys.stderr))
+    parent, name = os.path.dirname(os.path.abspath(final)), os.path.basename(os.path.normpath(final))
+    removed = []
+    for entry in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
+        for kind in ("partial", "old"):
+            head = f".{name}.{kind}-"
+            if not entry.startswith(head):
+                continue
+            pid = entry[len(head):].split("-")[0]
+            if kind == "partial" and pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+                continue  # another process is writing it now
+            path = os.path.join(parent, entry)
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+            say(f"recbole-mm: removed {path}, left by an interrupted run of {name}")
+    return removed
+
+
 @contextlib.contextmanager
 def staged_folder(final: str, overwrite: bool = False):
     """Yield a temporary sibling folder; on success it replaces ``final`` in one rename.
@@ -73,7 +105,8 @@ def staged_folder(final: str, overwrite: bool = False):
     if os.path.exists(final) and not overwrite:
         raise PipelineError(f"{final}: already exists (use --overwrite to replace it)")
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(final)}.partial-{uuid.uuid4().hex[:8]}")
+    remove_stale_partials(final)
+    tmp = os.path.join(parent, f".{os.path.basename(final)}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     os.makedirs(tmp)
     try:
         yield tmp

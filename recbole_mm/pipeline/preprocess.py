@@ -45,11 +45,13 @@ import html
 import json
 import os
 import re
+import zlib
 from array import array
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from recbole_mm.data.readers import BOM
 from recbole_mm.pipeline.common import PipelineError, progress, staged_folder
 
 INTER_HEADER = "user_id:token\titem_id_list:token_seq\titem_id:token\n"
@@ -99,10 +101,27 @@ def find_file(input_dir: str, stem: str, exts) -> str:
     raise PipelineError(f"{input_dir}: none of {', '.join(tried)} found")
 
 
-def _open_text(path: str):
-    if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
-    return open(path, encoding="utf-8", errors="replace")
+def _open_binary(path: str):
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+def _lines(path: str, desc: str):
+    """``(lineno, text)`` of a raw file (plain or ``.gz``): UTF-8 (a byte-order mark stripped), an
+    undecodable line or a truncated / fake ``.gz`` is a :class:`PipelineError` naming the file."""
+    lineno = 0
+    try:
+        with _open_binary(path) as f:
+            for lineno, raw in enumerate(progress(f, desc=desc, unit=" lines"), 1):
+                if lineno == 1 and raw.startswith(BOM):
+                    raw = raw[len(BOM):]
+                try:
+                    yield lineno, raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise PipelineError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                                        f"{e.start + 1}); save the file as UTF-8") from None
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise PipelineError(f"{path}: not a complete gzip file after line {lineno} "
+                            f"({type(e).__name__}: {' '.join(str(e).split())}); download it again") from None
 
 
 class BadLines:
@@ -129,25 +148,24 @@ class BadLines:
 
 def iter_records(path: str, bad: BadLines, desc: str):
     """``(lineno, dict)`` for each parsable line; JSON, or a Python dict literal (2014 files)."""
-    with _open_text(path) as f:
-        for lineno, line in enumerate(progress(f, desc=desc, unit=" lines"), 1):
-            line = line.strip()
-            if not line:
-                continue
+    for lineno, line in _lines(path, desc):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError as e:
             try:
-                rec = json.loads(line)
-            except ValueError as e:
-                try:
-                    rec = ast.literal_eval(line) if line.startswith("{") else None
-                except (ValueError, SyntaxError, MemoryError, RecursionError):
-                    rec = None
-                if rec is None:
-                    bad.add(lineno, f"not JSON ({e.msg} at column {e.colno})")
-                    continue
-            if not isinstance(rec, dict):
-                bad.add(lineno, f"expected a JSON object, got {type(rec).__name__}")
+                rec = ast.literal_eval(line) if line.startswith("{") else None
+            except (ValueError, SyntaxError, MemoryError, RecursionError):
+                rec = None
+            if rec is None:
+                bad.add(lineno, f"not JSON ({e.msg} at column {e.colno})")
                 continue
-            yield lineno, rec
+        if not isinstance(rec, dict):
+            bad.add(lineno, f"expected a JSON object, got {type(rec).__name__}")
+            continue
+        yield lineno, rec
 
 
 def _first(rec: dict, keys) -> object:

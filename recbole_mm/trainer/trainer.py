@@ -21,6 +21,7 @@ evaluation runs on rank 0 and its result is broadcast, rank 0 writes checkpoints
 from __future__ import annotations
 
 import os
+import uuid
 from contextlib import contextmanager, nullcontext
 from time import perf_counter
 
@@ -33,7 +34,67 @@ from tqdm import tqdm
 
 from recbole_mm import distributed
 from recbole_mm.config import config_to_plain, to_plain
-from recbole_mm.trainer.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from recbole_mm.trainer.checkpoint import (
+    CheckpointError,
+    capture_rng,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+
+# config keys a resume may change: they do not alter what was trained so far (the length of
+# training, evaluation batching, where files are, devices and processes, logging); any other
+# changed key is refused (check_resume_checkpoint)
+RESUME_FREE_KEYS = frozenset({
+    "epochs", "stopping_step", "eval_step", "eval_batch_size", "show_progress", "state", "checkpoint_dir",
+    "data_path", "data_root", "use_gpu", "gpu_id", "device", "local_rank", "world_size", "single_spec", "nproc",
+    "offset", "ip", "port", "log_wandb", "wandb_project", "dist_timeout", "run_name", "save_step", "worker",
+    "ddp_find_unused_parameters", "tensorboard",
+})
+
+
+def check_resume_checkpoint(resume_file: str, config) -> tuple[str, dict]:
+    """The training state to resume (``<run>.resume.pth``, also found from ``<run>.pth``), checked
+    before anything is built: our checkpoint, a training state, the same model, the same config
+    up to :data:`RESUME_FREE_KEYS`, and its best model (if written) from the same run.  Returns
+    ``(resume file, checkpoint)``; anything else is one :class:`CheckpointError`."""
+    resume_file = str(resume_file)
+    if not resume_file.endswith(".resume.pth") and resume_file.endswith(".pth"):
+        sibling = resume_file[: -len(".pth")] + ".resume.pth"
+        if os.path.isfile(sibling):
+            resume_file = sibling
+    ckpt = load_checkpoint(resume_file)
+    if "trainer" not in ckpt:
+        raise CheckpointError(f"{resume_file}: holds no training state to resume from (expected <run>.resume.pth)")
+    if ckpt["model"] != config["model"]:
+        raise CheckpointError(f"{resume_file}: written by {ckpt['model']}, cannot resume {config['model']}")
+    old, new = ckpt.get("config") or {}, config_to_plain(config)
+    changed = [k for k in new if k in old and k not in RESUME_FREE_KEYS and new[k] != old[k]]
+    if changed:
+        diffs = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed[:4]) + (" ..." if len(changed) > 4 else "")
+        raise CheckpointError(
+            f"{resume_file}: --resume continues the same run, but {len(changed)} config key(s) changed ({diffs}); "
+            f"its optimizer and state follow the old values: drop the changes or start a new run "
+            f"(keys a resume may change: epochs, stopping_step, eval_step, eval_batch_size, paths, devices, logging)"
+        )
+    best = resolve_run_file(resume_file, ckpt["trainer"]["saved_model_file"])
+    if os.path.isfile(best):
+        check_same_run(best, load_checkpoint(best), ckpt.get("run_id"))
+    return resume_file, ckpt
+
+
+def resolve_run_file(resume_file: str, recorded: str) -> str:
+    """A file of the run recorded in its resume state (``saved/<run>.pth``, relative to wherever
+    the run started) -> the same file next to the resume file."""
+    return os.path.join(os.path.dirname(resume_file), os.path.basename(recorded))
+
+
+def check_same_run(path: str, ckpt: dict, run_id: str | None) -> None:
+    if run_id is not None and ckpt.get("run_id") != run_id:
+        raise CheckpointError(
+            f"{path}: written by another run (run id {ckpt.get('run_id')}, expected {run_id}): "
+            f"the best model of this run was replaced or is missing"
+        )
 
 
 class MMTrainer(Trainer):
@@ -53,6 +114,7 @@ class MMTrainer(Trainer):
         self.global_step = 0  # optimiser steps so far
         self.best_step = None
         self.min_steps = int(config["stopping_min_steps"] or 0)
+        self.run_id = distributed.broadcast_object(uuid.uuid4().hex)  # in every checkpoint of this run
         self.history: list[dict] = []  # one entry per epoch: loss, seconds, validation
         self._train_loader = None
         self.lr_schedule = config["lr_schedule"] or None
@@ -191,6 +253,7 @@ class MMTrainer(Trainer):
         return {
             "model": self.config["model"],
             "dataset": self.config["dataset"],
+            "run_id": self.run_id,
             "epoch": epoch,
             "state_dict": self.model.state_dict(),
             "config": config_to_plain(self.config),
@@ -233,16 +296,7 @@ class MMTrainer(Trainer):
 
     def resume_checkpoint(self, resume_file, train_data=None):
         """Continue the run that wrote ``resume_file`` (its ``.resume.pth`` or its best ``.pth``)."""
-        resume_file = str(resume_file)
-        if not resume_file.endswith(".resume.pth"):
-            sibling = resume_file[: -len(".pth")] + ".resume.pth"
-            if os.path.isfile(sibling):
-                resume_file = sibling
-        ckpt = load_checkpoint(resume_file, map_location=self.device)
-        if "trainer" not in ckpt:
-            raise ValueError(f"{resume_file}: holds no training state to resume from")
-        if ckpt["model"] != self.config["model"]:
-            raise ValueError(f"{resume_file}: written by {ckpt['model']}, cannot resume {self.config['model']}")
+        resume_file, ckpt = check_resume_checkpoint(resume_file, self.config)
         self.model.load_state_dict(ckpt["state_dict"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         state = ckpt["trainer"]
@@ -254,9 +308,10 @@ class MMTrainer(Trainer):
         self.best_step = ckpt["metrics"].get("best_step")
         self.global_step = int(state.get("global_step", 0))
         self.history = list(state["history"])
-        self.saved_model_file = state["saved_model_file"]
+        self.saved_model_file = resolve_run_file(resume_file, state["saved_model_file"])
         self.resume_file = resume_file
-        self.result_file = state["result_file"]
+        self.result_file = resolve_run_file(resume_file, state["result_file"])
+        self.run_id = ckpt.get("run_id")  # None: written before run ids, not checked
         generator = getattr(train_data, "generator", None)
         world, rank = distributed.world_size(), distributed.rank()
         per_rank = ckpt.get("rng_ranks") or [ckpt["rng"]]
@@ -288,7 +343,10 @@ class MMTrainer(Trainer):
     def _evaluate(self, eval_data, load_best_model, model_file, show_progress):
         if load_best_model:
             path = model_file or self.saved_model_file
-            self.model.load_state_dict(load_checkpoint(path, map_location=self.device)["state_dict"])
+            ckpt = load_checkpoint(path, map_location=self.device)
+            if model_file is None:  # this run's own best model
+                check_same_run(path, ckpt, self.run_id)
+            self.model.load_state_dict(ckpt["state_dict"])
             self.logger.info(f"Loading model parameters from {path}")
         cache = getattr(self.model, "item_table_cache", None)
         with cache() if cache is not None else nullcontext():
