@@ -56,6 +56,8 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
+from recbole_mm.utils import pid_alive
+
 LM_MODELS = ("Recformer", "ReoLM")
 MODES = ("inductive", "transductive")
 DEFAULT_SEED = 2020  # props/overall.yaml
@@ -409,7 +411,7 @@ def claim(cell: Cell) -> bool:
                     pid = int(f.read().strip() or 0)
             except (OSError, ValueError):
                 pid = 0
-            if pid and _alive(pid):
+            if pid and pid_alive(pid):
                 return False
             try:
                 os.unlink(path)  # stale: its process is gone
@@ -427,16 +429,6 @@ def release(cell: Cell) -> None:
         os.unlink(cell._file(".claim"))
     except FileNotFoundError:
         pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def execute(cell: Cell, dataset, config_files, resume: bool, isolation: str, timeout, say) -> None:
@@ -852,12 +844,19 @@ def write_chart(dataset, rows, keys, path) -> bool:
     if plotted:
         ax2.legend(fontsize=7, loc="lower right")
     ax2.grid(alpha=0.3)
+    save_figure(fig, path)
+    return True
+
+
+def save_figure(fig, path) -> None:
+    """Write a matplotlib figure as PNG atomically (concurrent processes rewrite the same chart)."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = f"{path}.{os.getpid()}.tmp.png"
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
-    return True
 
 
 # -- the command ---------------------------------------------------------------------------

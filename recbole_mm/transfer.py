@@ -521,11 +521,7 @@ def write_chart(target, rows, path) -> bool:
     ax.set_title(f"transfer to {target}: mean ± std over seeds", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    tmp = f"{path}.{os.getpid()}.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    lb.save_figure(fig, path)
     return True
 
 

@@ -60,3 +60,16 @@ def recbole_sequential_models() -> list[str]:
 
 def available_models() -> list[str]:
     return [n for n in _MODEL_MODULES if _our_model(n) is not None]
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (another user's counts as alive)."""
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -10,6 +10,7 @@ import tempfile
 import uuid
 
 from recbole_mm.data.readers import read_index_file, require_file
+from recbole_mm.utils import pid_alive
 
 
 class PipelineError(RuntimeError):
@@ -61,16 +62,6 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         raise
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale_partials(final: str, say=None) -> list[str]:
     """Remove the ``.<name>.partial-<pid>-*`` / ``.<name>.old-*`` folders that an interrupted
     (killed) run of the same output left next to ``final``, saying so; a folder whose process is
@@ -84,7 +75,7 @@ def remove_stale_partials(final: str, say=None) -> list[str]:
             if not entry.startswith(head):
                 continue
             pid = entry[len(head):].split("-")[0]
-            if kind == "partial" and pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            if kind == "partial" and pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)):
                 continue  # another process is writing it now
             path = os.path.join(parent, entry)
             shutil.rmtree(path, ignore_errors=True)
