@@ -18,10 +18,11 @@ hash of its resolved config, skipped when its result file exists, continued from
 * **fine-tuning**, for every target, mode, fraction and seed: from scratch and from the
   pre-trained checkpoint (``-p``).  ``--fraction 0.1``: a seeded 10% of the target's training
   users (config ``train_fraction``; the same users for both arms of a seed), valid and test
-  untouched.  Both arms get the same optimisation budget rules: early stopping
-  (``stopping_step``, in epochs) cannot end a run before ``--min-steps`` optimiser steps
-  (config ``stopping_min_steps``), so that a small training set is not stopped after a few
-  dozen steps; best epochs and steps are reported next to the metrics.
+  untouched.  Both arms get the same optimisation budget rules, counted in optimiser steps as
+  on the whole data: a run on a fraction f evaluates every 1/f epochs (``eval_step``), so that
+  the patience (``stopping_step`` evaluations without gain) is about as many steps as on all
+  the data, and early stopping cannot end a run before ``--min-steps`` optimiser steps (config
+  ``stopping_min_steps``); best epochs and steps are reported next to the metrics.
 * **zero-shot**, for every model with an inductive mode: the pre-trained model evaluated on
   the target with no training (``epochs=0``), next to the same architecture untrained;
 * **popularity** (``Popularity``: items by their training count), per fraction.
@@ -137,6 +138,8 @@ def plan_targets(models, targets, modes, fractions, seeds, lm_seeds, overrides, 
     for target in targets:
         for f in fractions:
             ov = dict(overrides, train_fraction=f"{f:g}", stopping_min_steps=str(min_steps))
+            if f < 1.0:  # evaluate every 1/f epochs: patience (stopping_step evaluations) in steps as on all data
+                ov["eval_step"] = str(max(1, round(int(overrides.get("eval_step", 1)) / f)))
             pretrained = [f"{m}={checkpoint_of(ready[get_model(m).__name__])}" for m in models
                           if get_model(m).__name__ in ready]
             cells, n = lb.plan(target, models, modes, pretrained, seeds, lm_seeds, ov, config_files, model_overrides)
@@ -412,8 +415,9 @@ def render_markdown(target, plan: TransferPlan, command, settings) -> str:
              f"Pre-training corpus: **{settings['corpus'].replace(',', ' + ')}**; target: **{target}**. "
              f"Test metrics (RecBole full ranking), mean ± sample std over seeds {settings['seeds']}"
              + (f" (language models: {settings['lm_seeds']})" if settings.get("lm_seeds") else "")
-             + f". Early stopping cannot end a fine-tuning run before {settings['min_steps']} optimiser steps "
-               "(both arms); *best* = best epoch / optimiser steps at the best epoch (means). "
+             + f". Both arms: early stopping cannot end a fine-tuning run before {settings['min_steps']} optimiser "
+               "steps, and a run on a fraction f of the users evaluates every 1/f epochs (patience in steps as on "
+               "all the data); *best* = best epoch / optimiser steps at the best epoch (means). "
                "*verdict*: the difference against the larger of the two standard deviations.", "",
              "| model | mode | train users | scratch NDCG@10 | pre-trained NDCG@10 | Δ | verdict | scratch Recall@10 "
              "| pre-trained Recall@10 | best (scratch) | best (pre-trained) | seeds | status |",

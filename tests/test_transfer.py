@@ -65,7 +65,7 @@ def test_train_fraction_keeps_a_seeded_subset_of_users_with_all_their_rows(tiny_
 
 @pytest.mark.parametrize("bad", ["0", "-0.5", "1.5", "half"])
 def test_train_fraction_out_of_range_is_refused(tiny_root, workdir, bad):
-    with pytest.raises(ValueError, match="train_fraction must be in"):
+    with pytest.raises(ValueError, match=r"train_fraction.*\(0, 1\]"):
         _dataset(tiny_root, train_fraction=bad)
 
 
@@ -155,8 +155,9 @@ def test_transfer_end_to_end_writes_the_report_and_skips_finished_cells(tmp_path
         if c.pretrained:
             n = 1 if c.kind == "curve" else 2
             assert c.pretrained == os.path.join(pt.checkpoint_dir, f"{pt.run_name}-{n}.pth")
-    for c in plan.finetune:  # both arms obey the same minimum budget
+    for c in plan.finetune:  # both arms obey the same minimum budget; half the users: evaluated every 2 epochs
         assert c.result["steps"] >= 4 and c.result["config"]["stopping_min_steps"] == 4
+        assert c.result["config"]["eval_step"] == 2 and len(c.result["history"]) % 2 == 0
     assert all(c.result["train_fraction"]["users"] == 60 for c in plan.finetune)  # half of the 120 users
     md = open(res["paths"]["Tiny"]["md"]).read()
     assert "| UniSRec | inductive | 50% |" in md
