@@ -77,8 +77,11 @@ def fit_quantiser(x: np.ndarray, n_sub: int, code_cap: int) -> dict[str, torch.T
             f"VQ codes: {x.shape[0]} training items for {code_cap} codewords per sub-code (faiss advises "
             f"{39 * code_cap}); the codebooks are fitted anyway", stacklevel=2)
     index = faiss.index_factory(x.shape[1], factory_string(n_sub, n_bits), faiss.METRIC_INNER_PRODUCT)
-    index.train(x)
     opq = faiss.downcast_VectorTransform(index.chain.at(0))
+    if n_bits != 8:  # OPQ trains with its own 8-bit PQ unless given one (needs >= 256 points)
+        opq_pq = faiss.ProductQuantizer(opq.d_out, n_sub, n_bits)
+        opq.pq = opq_pq
+    index.train(x)
     rotation = faiss.vector_to_array(opq.A).reshape(opq.d_out, opq.d_in)
     bias = faiss.vector_to_array(opq.b) if opq.have_bias else np.zeros(opq.d_out, dtype=np.float32)
     ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
