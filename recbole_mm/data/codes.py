@@ -119,12 +119,20 @@ def training_items(dataset) -> torch.Tensor:
     if sizes:
         n = min(n, int(sizes[0]))
     iid = dataset.iid_field
-    parts = [torch.as_tensor(np.asarray(inter[iid][:n])).reshape(-1)]
-    list_field = iid + dataset.config["LIST_SUFFIX"]
-    if list_field in inter:
-        parts.append(torch.as_tensor(np.asarray(inter[list_field][:n])).reshape(-1))
+    fields = [iid, iid + dataset.config["LIST_SUFFIX"]]
+    parts = [_flat(inter[f][:n]) for f in fields if f in inter]
     items = torch.unique(torch.cat(parts).long())
     return items[items > 0]
+
+
+def _flat(column) -> torch.Tensor:
+    """A built split's tensor column, or a loaded DataFrame's column (ids or id arrays), flat."""
+    if isinstance(column, torch.Tensor):
+        return column.reshape(-1)
+    values = column.to_numpy() if hasattr(column, "to_numpy") else np.asarray(column)
+    if len(values) and isinstance(values[0], np.ndarray):
+        values = np.concatenate(values)
+    return torch.as_tensor(np.asarray(values, dtype=np.int64)).reshape(-1)
 
 
 def settings_key(features: torch.Tensor, train_items: torch.Tensor, n_sub: int, code_cap: int) -> str:

@@ -187,7 +187,7 @@ class VQRec(MMSequentialRecommender):
         if self.permutation == "reference":
             return row_argmax(soft)  # no gradient reaches trans_matrix (the reference's ceil)
         hard = harden(soft)
-        return hard + soft - soft.detach()
+        return hard + (soft - soft.detach())  # exactly hard forward, Sinkhorn gradient
 
     def item_vectors(self, items: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Mean code embedding of ``items`` (any shape) ``[..., H]``."""
