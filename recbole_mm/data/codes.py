@@ -81,10 +81,13 @@ def fit_quantiser(x: np.ndarray, n_sub: int, code_cap: int) -> dict[str, torch.T
     if n_bits != 8:  # OPQ trains with its own 8-bit PQ unless given one (needs >= 256 points)
         opq_pq = faiss.ProductQuantizer(opq.d_out, n_sub, n_bits)
         opq.pq = opq_pq
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    # faiss's polysemous training only relabels each sub-quantiser's codewords (Hamming-friendly
+    # order) and dominates the fitting time; codes are categorical tokens here, so it is skipped
+    ivf.do_polysemous_training = False
     index.train(x)
     rotation = faiss.vector_to_array(opq.A).reshape(opq.d_out, opq.d_in)
     bias = faiss.vector_to_array(opq.b) if opq.have_bias else np.zeros(opq.d_out, dtype=np.float32)
-    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
     coarse = ivf.quantizer.reconstruct(0) if ivf.by_residual else np.zeros(opq.d_out, dtype=np.float32)
     pq = ivf.pq
     centroids = faiss.vector_to_array(pq.centroids).reshape(pq.M, pq.ksub, pq.dsub)
