@@ -184,8 +184,8 @@ class VQRec(MMSequentialRecommender):
         """``[code_dim, code_cap, code_cap]``: row ``i`` of block ``d`` picks the pre-trained
         embedding that code ``i`` takes.  Hard in the forward pass; straight-through gradient."""
         soft = gumbel_sinkhorn(self.trans_matrix, self.sinkhorn_iter, noise=noise)
-        if self.permutation == "reference":
-            return row_argmax(soft)  # no gradient reaches trans_matrix (the reference's ceil)
+        if self.permutation == "reference":  # the reference's ceil: a graph, but zero gradient
+            return row_argmax(soft) + (soft - soft.detach()) * 0.0
         hard = harden(soft)
         return hard + (soft - soft.detach())  # exactly hard forward, Sinkhorn gradient
 
@@ -217,7 +217,7 @@ class VQRec(MMSequentialRecommender):
         if epoch < self.reassign_steps:
             self.reassigning = True
             for name, p in self.named_parameters():
-                p.requires_grad_(name == "trans_matrix" and self.permutation == "straight_through")
+                p.requires_grad_(name == "trans_matrix")
         elif self.reassigning or epoch == self.reassign_steps:
             self.apply_permutation()
             for name, p in self.named_parameters():
