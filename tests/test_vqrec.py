@@ -206,3 +206,16 @@ def test_pretrain_two_domains_then_finetune(tiny_root, workdir):
              overrides=quick(tiny_root, epochs=4, reassign_steps=2, run_name="ft", **CODES))
     assert ft["params"]["trainable"] < ft["params"]["total"]  # fix_enc after the re-assignment
     assert ft["test"]["ndcg@10"] > popularity_ndcg10(tiny_root, "Tiny")
+
+
+def test_read_only_dataset_folder_caches_codes_in_checkpoint_dir(tmp_path):
+    root = tmp_path / "d"
+    make_dataset(root, "Tiny", seed=0)
+    os.chmod(root / "Tiny", 0o555)
+    try:
+        with pytest.warns(UserWarning, match="not writable"):
+            model, _, _ = _model(root, checkpoint_dir=str(tmp_path / "saved"))
+    finally:
+        os.chmod(root / "Tiny", 0o755)
+    assert os.path.dirname(model.codes_path) == str(tmp_path / "saved" / "codes")
+    assert not list((root / "Tiny").glob("*.codes.pt"))

@@ -19,6 +19,7 @@ import hashlib
 import io
 import math
 import os
+import stat
 import tempfile
 import warnings
 from logging import getLogger
@@ -152,7 +153,9 @@ def codes_file(folder: str, name: str, suffix: str, n_sub: int, code_cap: int) -
 
 
 def _writable_folder(folder: str, fallback: str) -> str:
-    if os.access(folder, os.W_OK):
+    """``folder`` unless it is read-only: no write permission bit (as root too, who could write
+    anyway) or no write access."""
+    if os.stat(folder).st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH) and os.access(folder, os.W_OK):
         return folder
     warnings.warn(f"VQ codes: {folder} is not writable, caching the codes in {fallback} (codes_dir)", stacklevel=3)
     return fallback
