@@ -219,3 +219,19 @@ def test_read_only_dataset_folder_caches_codes_in_checkpoint_dir(tmp_path):
         os.chmod(root / "Tiny", 0o755)
     assert os.path.dirname(model.codes_path) == str(tmp_path / "saved" / "codes")
     assert not list((root / "Tiny").glob("*.codes.pt"))
+
+
+def test_cli_reports_bad_code_settings_and_missing_faiss_in_one_line(tiny_root, workdir, monkeypatch, capsys):
+    import sys
+
+    from recbole_mm.cli import main
+
+    argv = ["finetune", "-m", "VQRec", "-d", "Tiny", "--data_path", str(tiny_root), "--epochs=1", "--use_gpu=False",
+            "--state=WARNING", "--code_dim=4"]
+    assert main(argv) == 2  # code_cap 256 > 40 training items
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--code_cap=32" in err[0]
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss -> ImportError
+    assert main(argv + ["--code_cap=16", "--codes_dir", str(workdir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install faiss-cpu" in err[0]

@@ -27,19 +27,26 @@ from logging import getLogger
 import numpy as np
 import torch
 
+from recbole_mm.data.readers import DataValidationError
+
 FORMAT = "recbole_mm.vq_codes/1"
 QUANTISER_KEYS = ("rotation", "bias", "coarse", "centroids")
 
 
-class CodesError(ValueError):
-    """Codes cannot be fitted with these settings (one line saying which key to change)."""
+class CodesError(DataValidationError):
+    """Codes cannot be fitted with these settings (one line saying which key to change; the CLI
+    reports it with exit code 2)."""
+
+
+class FaissMissing(CodesError, ImportError):
+    """faiss is not installed (the ``vq`` extra)."""
 
 
 def _faiss():
     try:
         import faiss
     except ImportError:
-        raise ImportError("VQRec needs faiss to fit its item codes: pip install faiss-cpu (or recbole_mm[vq])") from None
+        raise FaissMissing("VQRec needs faiss to fit its item codes: pip install faiss-cpu (or recbole_mm[vq])") from None
     return faiss
 
 
