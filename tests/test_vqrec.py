@@ -34,16 +34,16 @@ def _model(root, name="Tiny", **extra):
     return VQRec(cfg, ds), cfg, ds
 
 
-@pytest.mark.slow
 def test_encode_matches_faiss_own_codes():
     from recbole_mm.data.codes import encode, fit_quantiser
 
     x = np.random.default_rng(0).normal(size=(400, 16)).astype(np.float32)
     quantiser = fit_quantiser(x, 4, 256)
     index = faiss.index_factory(16, "OPQ4,IVF1,PQ4x8", faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    ivf.do_polysemous_training = False  # as fit_quantiser (it would only relabel the codewords)
     index.train(x)
     index.add(x)
-    ivf = faiss.extract_index_ivf(index)
     lists = ivf.invlists
     codes = faiss.rev_swig_ptr(lists.get_codes(0), lists.list_size(0) * ivf.code_size).copy().reshape(-1, 4)
     ids = faiss.rev_swig_ptr(lists.get_ids(0), lists.list_size(0)).copy()
