@@ -14,6 +14,7 @@ _MODEL_MODULES = {
     "PMMRec": "pmmrec",
     "Recformer": "recformer",
     "ReoLM": "reolm",
+    "VQRec": "vqrec",
     "Popularity": "popularity",  # the baseline every model must beat (items by training count)
 }
 
