@@ -9,7 +9,7 @@ from recbole.data.utils import create_samplers
 from recbole.utils import ModelType
 
 from recbole_mm.data.dataloader import MMFullSortEvalDataLoader, MMTrainDataLoader, trim_batch
-from recbole_mm.data.dataset import MMPretrainDataset, MMSequentialDataset
+from recbole_mm.data.dataset import MMPretrainDataset, MMSequentialDataset, longest_row_per_user
 from recbole_mm.data.readers import DataValidationError
 
 __all__ = [
@@ -56,6 +56,7 @@ def _select_split_mode(config):
 def data_preparation(config, dataset):
     """Train / valid / test dataloaders (valid and test are ``None`` when absent)."""
     built = dataset.build()
+    built[0] = longest_row_per_user(built[0], config)  # train_rows: all | longest
     if len(built) == 1:  # pre-training on train only
         train = MMTrainDataLoader(config, built[0], None, shuffle=config["shuffle"])
         return train, None, None

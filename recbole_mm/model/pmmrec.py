@@ -30,7 +30,10 @@ transferable alone:
   causal post-LN transformer (RecBole's ``TransformerEncoder`` run on the non-padding tokens
   only, ``layers.packed_encoder``).
 * **training loss**: in-batch softmax of ``u_{b,j} . e_k`` at every sequence position
-  (``loss_positions: all``; ``last``: the last one only) over the batch's items, with the
+  (``loss_positions: all``; ``last``: the last one only) of one row per user
+  (``train_rows: longest``, the user's longest prefix: each user once per epoch and each
+  (user, position) one term, as the released code; ``all``: every prefix row of RecBole's
+  split, which counts position ``j`` of an ``n``-item user ``n - j`` times) over the batch's items, with the
   logQ popularity correction ``- log pop(k)`` (``pop_correction``; ``pop`` = frequency in
   the training sequences), the user's own other items masked out.  Scores at evaluation:
   ``u . e_k`` over all items (the item table is computed once per evaluation).
@@ -483,6 +486,7 @@ class PMMRec(MMSequentialRecommender):
         self.loss_positions = config["loss_positions"] or "all"
         if self.loss_positions not in LOSS_POSITIONS:
             raise ValueError(f"PMMRec: loss_positions must be one of {LOSS_POSITIONS}, got {self.loss_positions!r}")
+        self.train_rows = config["train_rows"] or "all"  # the data layer applies it (data.longest_row_per_user)
         self.hidden_size = H = int(config["hidden_size"])
         self.pop_correction = bool(config["pop_correction"])
         self.nicl_weight = float(config["nicl_weight"] or 0.0)
@@ -591,16 +595,19 @@ class PMMRec(MMSequentialRecommender):
         return feats[present].mean(0) if bool(present.any()) else feats.new_zeros(feats.shape[1])
 
     def _log_popularity(self, dataset) -> torch.Tensor:
-        """``log`` of each item's share of the training sequences (targets + first items; >= 1 count)."""
+        """``log`` of each item's share of the training sequences (>= 1 count): every item of
+        every row with ``train_rows: longest`` (one row per user holds the user's sequence),
+        otherwise the targets and the first items (every prefix is a row)."""
         feat = dataset.inter_feat
         iid, seq, seqlen = self.ITEM_ID, self.ITEM_SEQ, self.ITEM_SEQ_LEN
+        whole = self.train_rows == "longest"
         if isinstance(feat, pd.DataFrame):
             targets = torch.as_tensor(feat[iid].to_numpy(dtype=np.int64))
-            lens = feat[seqlen].to_numpy()
-            firsts = torch.as_tensor(np.array([s[0] for s, n in zip(feat[seq], lens) if n == 1], dtype=np.int64))
+            rows = [np.asarray(s)[:n] for s, n in zip(feat[seq], feat[seqlen].to_numpy()) if whole or n == 1]
+            firsts = torch.as_tensor(np.concatenate(rows or [[]]).astype(np.int64))  # n == 1 rows: their item
         else:
-            targets, lens = feat[iid].long(), feat[seqlen]
-            firsts = feat[seq][lens == 1, 0].long()
+            targets, lists, lens = feat[iid].long(), feat[seq].long(), feat[seqlen]
+            firsts = lists[lists > 0] if whole else lists[lens == 1, 0]
         counts = torch.bincount(torch.cat([targets, firsts]), minlength=self.n_items)[: self.n_items].float()
         counts = counts.clamp_min(1.0)
         return (counts / counts.sum()).log()
