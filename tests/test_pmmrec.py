@@ -341,6 +341,25 @@ def test_nicl_equals_its_formula(tiny):
     assert abs(float(ours) - float(np.mean(sides))) < 1e-4
 
 
+def test_corruption_reaches_every_row(tiny_root):
+    """Every row with a position after the first is corrupted (noise_ratio alone would leave
+    most short rows clean); a one-item row cannot be."""
+    cfg, _, train, _ = _setup(tiny_root, train_stage="pretrain", train_rows="all", noise_ratio=0.05)
+    model = _model(cfg, train)
+    batch = next(iter(train))
+    view = model._view(batch)
+    lengths = view.packing.lengths
+    assert (lengths == 1).any() and (lengths == 2).any()
+    for replace_prob in (0.0, 0.5, 1.0):
+        model.noise_replace_prob = replace_prob
+        torch.manual_seed(5)
+        noisy, label = model.corrupt(view)
+        rows_hit = torch.zeros(view.packing.batch, dtype=torch.long).index_add_(0, view.owner, label.long())
+        assert not rows_hit[lengths == 1].any()
+        # a replacement may draw the item it replaces (then clean): almost every row is hit
+        assert float((rows_hit[lengths >= 2] > 0).float().mean()) > 0.9, replace_prob
+
+
 def test_corruption_replaces_or_shuffles_and_labels_exactly(tiny_root):
     cfg, _, train, _ = _setup(tiny_root, train_stage="pretrain", noise_ratio=0.5)
     model = _model(cfg, train)
@@ -353,10 +372,13 @@ def test_corruption_replaces_or_shuffles_and_labels_exactly(tiny_root):
         assert torch.equal(label, noisy != view.tok)
         assert not label[view.packing.positions == 0].any()  # the first item is never corrupted
         assert label.float().mean() > 0.2
-        if replace_prob == 0.0:  # shuffling only: every row keeps its multiset of items
-            owner = view.owner
-            for b in range(view.packing.batch):
-                assert sorted(noisy[owner == b].tolist()) == sorted(view.tok[owner == b].tolist())
+        owner = view.owner
+        for b in range(view.packing.batch):
+            mine = view.tok[owner == b]
+            if replace_prob == 0.0 and mine.numel() >= 3:  # shuffling only: the row keeps its multiset of items
+                assert sorted(noisy[owner == b].tolist()) == sorted(mine.tolist())
+            if replace_prob == 0.0 and mine.numel() >= 3 and mine[1:].unique().numel() == mine.numel() - 1:
+                assert int(label[owner == b].sum()) >= 2  # a rotation moves every shuffled item
         slots = set(torch.cat([view.tok, view.tgt]).tolist())
         assert set(noisy.tolist()) <= slots  # replacements come from the batch's slots
 

@@ -468,6 +468,13 @@ def _mean_over_sides(sums, weights, global_counts) -> torch.Tensor:
     return sum(sums[i] * weights[i] for i in sides) / len(sides)
 
 
+def _one_of(allowed: torch.Tensor) -> torch.Tensor:
+    """``[B, L]`` mask with one uniformly drawn ``allowed`` position per row (none where a row
+    allows none)."""
+    draw = torch.rand(allowed.shape, device=allowed.device).masked_fill(~allowed, -1.0)
+    return F.one_hot(draw.argmax(1), allowed.size(1)).bool() & allowed
+
+
 class PMMRec(MMSequentialRecommender):
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -492,8 +499,8 @@ class PMMRec(MMSequentialRecommender):
         self.nicl_weight = float(config["nicl_weight"] or 0.0)
         self.nid_weight = float(config["nid_weight"] or 0.0)
         self.rcl_weight = float(config["rcl_weight"] or 0.0)
-        self.nicl_temperature = float(config["nicl_temperature"] or 1.0)
-        self.rcl_temperature = float(config["rcl_temperature"] or 1.0)
+        self.nicl_temperature = float(config["nicl_temperature"] or 0.1)
+        self.rcl_temperature = float(config["rcl_temperature"] or 0.1)
         self.noise_ratio = float(config["noise_ratio"] if config["noise_ratio"] is not None else 0.2)
         self.noise_replace_prob = float(config["noise_replace_prob"] if config["noise_replace_prob"] is not None else 0.5)
         self.item_encode_batch_size = int(config["item_encode_batch_size"] or 256)
@@ -780,24 +787,35 @@ class PMMRec(MMSequentialRecommender):
     def corrupt(self, view: _BatchView):
         """Noised copy of the batch's packed tokens (indices into the batch's items) and the
         per-token "noised" label.  Each position after the first is picked with probability
-        ``noise_ratio``; a picked one is replaced by a random in-batch slot's item with
-        probability ``noise_replace_prob``, otherwise the picked positions of a row are shuffled
-        among themselves.  A token whose item did not change is labelled clean."""
+        ``noise_ratio``, and every row with a position after the first gets at least one (so
+        every such row has noise to detect and a corrupted view that differs); a picked one is
+        replaced by a random in-batch slot's item with probability ``noise_replace_prob``,
+        otherwise the picked positions of a row are rotated among themselves (a random cycle,
+        so each moves).  A lone position to shuffle takes a second unpicked one of its row, or
+        is replaced when the row has none (a 2-item row).  A row of one item cannot be
+        corrupted (its first item has no context); a token whose item did not change (a
+        replacement or a moved item equal to the original) is labelled clean."""
         p = view.packing
         B, L = p.batch, p.width
         dev = view.tok.device
         pos = torch.arange(L, device=dev).unsqueeze(0)
-        valid = pos < p.lengths.unsqueeze(1)
+        free = (pos < p.lengths.unsqueeze(1)) & (pos > 0)
         seq = torch.zeros(B * L, dtype=torch.long, device=dev).index_copy(0, p.flat, view.tok).view(B, L)
-        picked = (torch.rand(B, L, device=dev) < self.noise_ratio) & valid & (pos > 0)
+        picked = ((torch.rand(B, L, device=dev) < self.noise_ratio) & free) | _one_of(free)
         replace = picked & (torch.rand(B, L, device=dev) < self.noise_replace_prob)
         shuffle = picked & ~replace
+        lone = shuffle.sum(1, keepdim=True) == 1
+        partner = _one_of(free & ~picked) & lone
+        replace = replace | (shuffle & lone & ~partner.any(1, keepdim=True))
+        shuffle = (shuffle | partner) & ~replace
         slots = torch.cat([view.tok, view.tgt])
         noisy = torch.where(replace, slots[torch.randint(slots.numel(), (B, L), device=dev)], seq)
-        # k-th shuffled position (in order) takes the item of the k-th one in a random order
-        rand_order = torch.rand(B, L, device=dev).masked_fill(~shuffle, 2.0).argsort(dim=1)
-        in_order = torch.where(shuffle, pos, pos + L).argsort(dim=1)
-        moved = torch.empty_like(seq).scatter_(1, in_order, seq.gather(1, rand_order))
+        # the shuffled positions in a random order o_0..o_{m-1}: o_k takes the item of o_{k+1 mod m}
+        order = torch.rand(B, L, device=dev).masked_fill(~shuffle, 2.0).argsort(dim=1)
+        m = shuffle.sum(1, keepdim=True)
+        k = pos.expand(B, L)
+        source = order.gather(1, torch.where(k < m - 1, k + 1, torch.where(k == m - 1, torch.zeros_like(k), k)))
+        moved = seq.clone().scatter_(1, order, seq.gather(1, source))
         noisy = torch.where(shuffle, moved, noisy)
         noisy_tok, label = p.pack(noisy), p.pack(noisy != seq)
         return noisy_tok, label
