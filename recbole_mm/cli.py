@@ -1,4 +1,4 @@
-"""Command line: ``recbole-mm finetune|pretrain|recommend|leaderboard ...`` (also ``run_finetune.py`` / ``run_pretrain.py``)
+"""Command line: ``recbole-mm finetune|pretrain|recommend|leaderboard|import-checkpoint ...`` (also ``run_finetune.py`` / ``run_pretrain.py``)
 and the data pipeline's commands (``recbole_mm/pipeline/cli.py``)."""
 
 from __future__ import annotations
@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     from recbole_mm.leaderboard import register as add_leaderboard
 
     add_leaderboard(sub)  # leaderboard
+
+    from recbole_mm.trainer.import_reference import register as add_import_checkpoint
+
+    add_import_checkpoint(sub)  # import-checkpoint
     return parser
 
 
