@@ -358,6 +358,9 @@ def test_corruption_reaches_every_row(tiny_root):
         assert not rows_hit[lengths == 1].any()
         # a replacement may draw the item it replaces (then clean): almost every row is hit
         assert float((rows_hit[lengths >= 2] > 0).float().mean()) > 0.9, replace_prob
+    model.noise_ratio = 0.0  # off: nothing corrupted (the distributed test relies on it)
+    noisy, label = model.corrupt(view)
+    assert not label.any() and torch.equal(noisy, view.tok)
 
 
 def test_corruption_replaces_or_shuffles_and_labels_exactly(tiny_root):

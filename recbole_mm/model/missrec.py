@@ -319,7 +319,8 @@ class MISSRec(MMSequentialRecommender):
             pooled = pooled / n
         else:
             slots = n + (item_seq_len < self.max_seq_length).to(n.dtype).unsqueeze(1)
-            W = slots.max()
+            (every,), _ = gather_in_batch(slots.detach(), enabled=self.gather_negatives)
+            W = every.max()  # the global batch's width (distributed: over every rank's rows)
             pooled = (n / W) * (pooled + (W - n) * pad_out)
         return (pooled * pooled).sum() / self.hidden_size
 

@@ -787,8 +787,9 @@ class PMMRec(MMSequentialRecommender):
     def corrupt(self, view: _BatchView):
         """Noised copy of the batch's packed tokens (indices into the batch's items) and the
         per-token "noised" label.  Each position after the first is picked with probability
-        ``noise_ratio``, and every row with a position after the first gets at least one (so
-        every such row has noise to detect and a corrupted view that differs); a picked one is
+        ``noise_ratio``, and (``noise_ratio > 0``) every row with a position after the first
+        gets at least one (so every such row has noise to detect and a corrupted view that
+        differs; ``noise_ratio: 0`` corrupts nothing); a picked one is
         replaced by a random in-batch slot's item with probability ``noise_replace_prob``,
         otherwise the picked positions of a row are rotated among themselves (a random cycle,
         so each moves).  A lone position to shuffle takes a second unpicked one of its row, or
@@ -801,7 +802,9 @@ class PMMRec(MMSequentialRecommender):
         pos = torch.arange(L, device=dev).unsqueeze(0)
         free = (pos < p.lengths.unsqueeze(1)) & (pos > 0)
         seq = torch.zeros(B * L, dtype=torch.long, device=dev).index_copy(0, p.flat, view.tok).view(B, L)
-        picked = ((torch.rand(B, L, device=dev) < self.noise_ratio) & free) | _one_of(free)
+        picked = (torch.rand(B, L, device=dev) < self.noise_ratio) & free
+        if self.noise_ratio > 0:
+            picked |= _one_of(free)
         replace = picked & (torch.rand(B, L, device=dev) < self.noise_replace_prob)
         shuffle = picked & ~replace
         lone = shuffle.sum(1, keepdim=True) == 1
