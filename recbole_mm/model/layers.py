@@ -306,7 +306,7 @@ def minibatch_kmeans(
     Not the reference's algorithm as it runs: MM23-MISSRec calls its vendored TorchPQ
     ``MinibatchKMeans``, whose CPU path overwrites the data and the centroids with their
     absolute values and stops after one pass (on Scientific_mm all 3,170 vectors end up in 1
-    of 1,585 clusters; ours uses ~1,570; ``benchmarks/missrec_reference_kmeans.py``,
+    of 1,585 clusters; ours uses ~1,570; ``benchmarks/missrec_reference_checks.py``,
     docs/fidelity.md).  This is a real mini-batch k-means with the same schedule (passes,
     batch size, the running-mean update ``c += (sum - n_b c) / n_c``).
 

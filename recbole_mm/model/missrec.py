@@ -31,7 +31,7 @@ Deliberate differences from the reference code:
   (both become their absolute values), leaves empty clusters at zero and stops after one pass
   (its convergence error compares the centroids with themselves): on Scientific_mm at epoch
   0 it puts all 3,170 item vectors into 1 of 1,585 clusters, ours into ~1,570
-  (``benchmarks/missrec_reference_kmeans.py``).  Kept: one interest for every item makes the
+  (``benchmarks/missrec_reference_checks.py``).  Kept: one interest for every item makes the
   interest encoder a constant;
 * a missing modality (all-zero feature row) is left out: not clustered, no interest token,
   not added to the item token, not part of the item's score (the reference feeds the
@@ -46,7 +46,7 @@ Deliberate differences from the reference code:
   formula, ``(n_b / W) sum_l memory_bl`` over the ``W`` padded interest slots, padding outputs
   included (computed once per sequence, as all padding slots share one input; one dropout
   draw for them instead of one each); ``mean`` (ours before) pools only the real interests,
-  ~90x smaller at initialisation on Scientific_mm;
+  ~90x smaller at initialisation on Scientific_mm (``benchmarks/missrec_reference_checks.py``);
 * reference options we do not implement (``seq_mm_fusion: contextual``,
   ``item_mm_fusion: dynamic_instance``, ``id_type: none``) are errors naming them.
 """
@@ -309,8 +309,8 @@ class MISSRec(MMSequentialRecommender):
         ``W = max_b(n_b + [len_b < MAX_ITEM_LIST_LENGTH])``, and the ``W - n_b`` slots of id 0
         are masked as keys but still produce an output (``pad_out``: the encoder run on the
         zero input row, attending to the row's interests), which the sum includes.
-        ``mean``: ``p_b`` = the mean over the ``n_b`` real interests (ours before; about 47x
-        smaller on Scientific_mm, docs/fidelity.md)."""
+        ``mean``: ``p_b`` = the mean over the ``n_b`` real interests (ours before; about 90x
+        smaller at initialisation on Scientific_mm, docs/fidelity.md)."""
         B = mp.batch
         owner = torch.div(mp.flat, width, rounding_mode="floor")
         pooled = memory.new_zeros(B, memory.size(1)).index_add_(0, owner, memory)

@@ -1,5 +1,9 @@
 #!/usr/bin/env python
-"""How many interest clusters MISSRec's k-means uses: ours vs the reference's CPU path.
+"""MISSRec vs its reference, two cheap checks on one dataset (docs/fidelity.md):
+
+1. how many interest clusters the k-means uses: ours vs the reference's CPU path;
+2. the diversity regulariser on the first training batch at initialisation:
+   ``diversity_reg: reference`` (the reference's scale) vs ``mean`` (ours before).
 
 The reference (gimpong/MM23-MISSRec ``cluster_utils.cluster_kmeans`` on its vendored TorchPQ
 ``MinibatchKMeans``, CPU branch) behaves as follows (read in its code, re-stated here, not
@@ -17,8 +21,9 @@ copied):
 * ``predict`` assigns the (signed) vectors to the nearest centroid, where the zero centroids
   of the empty clusters are the nearest for most vectors (the first of them on ties).
 
-Usage: python benchmarks/missrec_reference_kmeans.py --data_path ../shared/data [-d Scientific_mm] [--seed 2020]
-Prints one JSON line: vectors, k, clusters used by ours and by the reference's behaviour.
+Usage: python benchmarks/missrec_reference_checks.py --data_path ../shared/data [-d Scientific_mm] [--seed 2020]
+Prints one JSON line: vectors, k, clusters used by ours and by the reference's behaviour, the
+regulariser under both scales and their ratio.
 """
 
 from __future__ import annotations
@@ -54,19 +59,28 @@ def main(argv=None):
     from recbole_mm.model.missrec import MISSRec
     from recbole_mm.quick_start import build_config
 
-    cfg = build_config("MISSRec", args.dataset, mode="inductive",
-                       overrides={"data_path": args.data_path, "seed": args.seed, "use_gpu": False, "state": "WARNING"})
-    init_seed(cfg["seed"], cfg["reproducibility"])
-    train, _, _ = data_preparation(cfg, create_dataset(cfg))
-    model = MISSRec(cfg, train._dataset).eval()
-    model.on_epoch_start(0)  # our k-means on the freshly initialised adaptors (what epoch 0 clusters)
+    reg = {}
+    for scale in ("reference", "mean"):
+        cfg = build_config("MISSRec", args.dataset, mode="inductive",
+                           overrides={"data_path": args.data_path, "seed": args.seed, "use_gpu": False,
+                                      "state": "WARNING", "diversity_reg": scale})
+        init_seed(cfg["seed"], cfg["reproducibility"])
+        train, _, _ = data_preparation(cfg, create_dataset(cfg))
+        model = MISSRec(cfg, train._dataset).eval()
+        model.on_epoch_start(0)  # our k-means on the freshly initialised adaptors (what epoch 0 clusters)
+        batch = next(iter(train))
+        with torch.no_grad():
+            reg[scale] = float(model.encode(batch["item_id_list"], batch["item_length"], model.compute_item_table())[1])
     ours = torch.unique(torch.cat([getattr(model, f"{m}_interest")[1:] for m in model.modalities])).numel()
     with torch.no_grad():
         x = torch.cat([model._adapted(m, torch.arange(1, model.n_items)) for m in model.modalities])
     k = max(1, math.ceil(model.interest_ratio * x.size(0)))
     ref = reference_cpu_kmeans(x, k, torch.Generator().manual_seed(args.seed))
     print(json.dumps({"dataset": args.dataset, "seed": args.seed, "vectors": x.size(0), "k": k,
-                      "clusters_used_ours": int(ours), "clusters_used_reference_cpu_path": int(ref.unique().numel())}))
+                      "clusters_used_ours": int(ours), "clusters_used_reference_cpu_path": int(ref.unique().numel()),
+                      "batch_rows": int(batch["item_length"].numel()), "gamma": float(cfg["gamma"]),
+                      "regulariser_reference_scale": reg["reference"], "regulariser_mean_scale": reg["mean"],
+                      "ratio": reg["reference"] / reg["mean"]}))
 
 
 if __name__ == "__main__":
