@@ -67,17 +67,21 @@ Transfer (``-p CKPT``), ``transfer_mode``: ``full`` (item encoder + user encoder
 ``item_encoder`` or ``user_encoder``: exactly those weights are loaded (a missing or
 differently shaped one is an error), everything else keeps its fresh initialisation.
 
-What follows the released code (github.com/ICDE24/PMMRec, fine-tuning only): the
+What follows the released code (github.com/ICDE24/PMMRec): the
 architecture (per-modality encoders with a linear projection of every token state, one
 merged-attention fusion layer over the concatenated tokens, masked mean pooling; the
 ``sum``/``concat`` alternatives; a 2-block 2-head post-LN SASRec user encoder with a 4x
 feed-forward, ReLU, ``LN(e + pos)`` input; top-2 blocks of each encoder trainable), the
 loss (all positions, dot product, no temperature, logQ popularity correction, each user's
 other items masked, every in-batch *slot* a candidate so an item appearing ``c`` times counts
-``c`` times: we score each distinct item once and add ``log c``, which is the same softmax)
-and the three transfer modes.  What follows the paper (the released code has no
-pre-training objectives; reconstructed from the paper's description, see
-``../shared/design/pmmrec_recformer_reolm.md``): NICL, NID, RCL and their sum.
+``c`` times: we score each distinct item once and add ``log c``, which is the same softmax),
+its training rows (each user once per epoch: ``train_rows: longest``), batch (512 users) and
+NICL temperature (0.1) and the three transfer modes.  What follows the paper (reconstructed from
+its description, see ``../shared/design/pmmrec_recformer_reolm.md``): NICL, NID, RCL and their
+sum.  The released code's later upload has a cross-modal loss of its own (``metric_learning_8``:
+text anchors through an MLP head, image positives of the item and the next item, cosine / 0.1,
+weight 0.4 against 0.6 for the recommendation loss in pre-training and fine-tuning) and no
+NID or RCL; ``docs/fidelity.md`` lists how ours differs.
 
 Deliberate differences from the released code:
 
