@@ -158,7 +158,8 @@ def read_reference(path: str) -> dict:
         def storage(key, dtype):
             if (key, dtype) not in cache:
                 raw = archive.read(f"{prefix}data/{key}")
-                cache[key, dtype] = torch.frombuffer(bytearray(raw), dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+                empty = torch.empty(0, dtype=dtype)
+                cache[key, dtype] = torch.frombuffer(bytearray(raw), dtype=dtype) if raw else empty
             return cache[key, dtype]
 
         try:
