@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Effects of VQRec's fidelity keys on the tiny test fixtures (docs/fidelity-vqrec.md), one seed:
+"""Effects of VQRec's fidelity keys on the tiny test fixtures (docs/fidelity.md, section VQ-Rec), one seed:
 contrastive_mask inf/zero (pre-training on Tiny+Tiny2, 10 epochs), permutation
 straight_through/reference (fine-tuning, 20 epochs, reassign_steps 5) and scratch_reassign
 False/True (from scratch, 20 epochs).  code_dim 4, code_cap 16.  Run from the repository root:

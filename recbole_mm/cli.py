@@ -1,4 +1,4 @@
-"""Command line: ``recbole-mm finetune|pretrain|recommend|leaderboard ...`` (also ``run_finetune.py`` / ``run_pretrain.py``)
+"""Command line: ``recbole-mm finetune|pretrain|recommend|leaderboard|import-checkpoint ...`` (also ``run_finetune.py`` / ``run_pretrain.py``)
 and the data pipeline's commands (``recbole_mm/pipeline/cli.py``)."""
 
 from __future__ import annotations
@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     from recbole_mm.transfer import register as add_transfer
 
     add_transfer(sub)  # transfer
+
+    from recbole_mm.trainer.import_reference import register as add_import_checkpoint
+
+    add_import_checkpoint(sub)  # import-checkpoint
     return parser
 
 

@@ -48,7 +48,8 @@ DETERMINISTIC = {
 }
 MODEL = {
     "UniSRec": {"adaptor_dropout_prob": 0, "n_exps": 1, "learning_rate": 0.5},
-    "MISSRec": {"gamma": 0.1, "learning_rate": 0.05},
+    # the diversity regulariser at the reference's scale (~100x the mean over real interests)
+    "MISSRec": {"gamma": 1e-3, "learning_rate": 0.05},
     # all four objectives; no corruption (its draws are per rank), so NID and RCL compare clean
     # sequences but still need every rank's tokens and rows for their means and negatives
     "PMMRec": {"n_exps": 1, "adaptor_dropout_prob": 0, "noise_ratio": 0, "fusion_inner_size": 64,

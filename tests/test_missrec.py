@@ -106,6 +106,64 @@ def test_packed_encoder_decoder_equals_nn_transformer(tiny_root, layers):
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
 
 
+def _reference_regulariser(model, seq, lengths, scale):
+    """The reference's formula (MM23-MISSRec ``MISSRec.forward``) on a padded batch: RecBole
+    1.0.1 pads item lists to MAX_ITEM_LIST_LENGTH, so a shorter sequence's ``unique()``
+    interests include 0; ``pad_sequence``; encoder with the key-padding mask; every slot's
+    output (padding ones too) weighted by the share of real interests; ``sum ||.||^2 / d``."""
+    ids = model.interest_ids(seq)
+    rows = []
+    for b in range(seq.size(0)):
+        real = ids[b][ids[b] > 0]
+        rows.append(torch.cat([real.new_zeros(int(lengths[b] < model.max_seq_length)), real]))
+    padded = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=0)
+    mask = padded == 0
+    memory = model.trm_model.encoder(model.interest_embeddings[padded], src_key_padding_mask=mask)
+    if scale == "mean":
+        pooled = (memory * (~mask).unsqueeze(-1)).sum(1) / (~mask).sum(1, keepdim=True)
+    else:
+        pooled = (memory * (~mask).unsqueeze(-1).float().mean(1, keepdim=True)).sum(1)
+    return (pooled * pooled).sum() / pooled.shape[1]
+
+
+@pytest.mark.parametrize("scale", ["reference", "mean"])
+def test_diversity_regulariser_matches_the_reference_formula(tiny_root, scale):
+    model, cfg, _ = _model(tiny_root, diversity_reg=scale, hidden_size=32, inner_size=24, n_heads=4,
+                           MAX_ITEM_LIST_LENGTH=7)
+    assert cfg["diversity_reg"] == scale and model.max_seq_length == 7
+    model.on_epoch_start(0)
+    model.eval()
+    torch.manual_seed(0)
+    seq = torch.randint(1, model.n_items, (6, 7))
+    lengths = torch.tensor([7, 1, 3, 5, 2, 6])  # the first one is full: no padding interest
+    seq = seq * (torch.arange(7).unsqueeze(0) < lengths.unsqueeze(1))
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # nn.Transformer's fast path zeroes padding outputs
+    try:
+        with torch.no_grad():
+            _, ours = model.encode(seq, lengths, model.compute_item_table())
+            ref = _reference_regulariser(model, seq, lengths, scale)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    assert float(ours) > 0
+
+
+def test_diversity_regulariser_default_is_the_reference_scale(tiny_root):
+    model, cfg, _ = _model(tiny_root)
+    assert cfg["diversity_reg"] == "reference" and model.diversity_reg == "reference"
+    with pytest.raises(ValueError, match="diversity_reg"):
+        _model(tiny_root, diversity_reg="sum")
+
+
+@pytest.mark.parametrize("key,value", [("seq_mm_fusion", "contextual"), ("item_mm_fusion", "dynamic_instance"),
+                                       ("id_type", "none")])
+def test_unimplemented_reference_options_are_errors_naming_them(tiny_root, key, value):
+    with pytest.raises(ValueError, match=f"{key}: '{value}' is not implemented"):
+        _model(tiny_root, **{key: value})
+    _model(tiny_root, **{key: {"seq_mm_fusion": "add", "item_mm_fusion": "static", "id_type": "id"}[key]})
+
+
 def test_inductive_has_no_id_parameters(tiny_root):
     ind, _, _ = _model(tiny_root, mode="inductive")
     trans, _, _ = _model(tiny_root, mode="transductive")

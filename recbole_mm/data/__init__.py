@@ -9,8 +9,8 @@ from recbole.data.utils import create_samplers
 from recbole.utils import ModelType
 
 from recbole_mm.data.dataloader import MMFullSortEvalDataLoader, MMTrainDataLoader, trim_batch
-from recbole_mm.data.dataset import MMPretrainDataset, MMSequentialDataset
 from recbole_mm.categories import prepare_hint
+from recbole_mm.data.dataset import MMPretrainDataset, MMSequentialDataset, longest_row_per_user
 from recbole_mm.data.demo import ensure_demo
 from recbole_mm.data.readers import DataValidationError
 
@@ -61,6 +61,7 @@ def _select_split_mode(config):
 def data_preparation(config, dataset):
     """Train / valid / test dataloaders (valid and test are ``None`` when absent)."""
     built = dataset.build()
+    built[0] = longest_row_per_user(built[0], config)  # train_rows: all | longest
     if len(built) == 1:  # pre-training on train only
         train = MMTrainDataLoader(config, built[0], None, shuffle=config["shuffle"])
         return train, None, None

@@ -461,3 +461,54 @@ class MMPretrainDataset(MMSequentialDataset):
         if len(names) == 1:
             return [Domain(names[0], os.path.join(root, names[0]))]
         return [Domain(n, os.path.join(root, n), prefix=f"{n}:") for n in names]
+
+
+TRAIN_ROWS = ("all", "longest")
+
+
+def longest_row_per_user(dataset, config):
+    """``train_rows: longest``: the training split cut to one row per user, the user's longest
+    prefix (the whole training sequence with its last item as target), so that a loss at every
+    position counts each (user, position) once per epoch.  Pre-split and augmented data hold
+    every prefix of a user as a row; with ``all`` (RecBole's way) position ``j`` of an
+    ``n``-item sequence is a position of ``n - j`` rows.
+
+    A sequence cut at ``MAX_ITEM_LIST_LENGTH`` has several rows of that length (sliding
+    windows): the latest window is kept, the row that no other row of the user continues
+    (``seq[1:] + [target]`` is no other row's sequence); the earlier positions are then not
+    trained, as in the released PMMRec code, which keeps each user's latest items only."""
+    mode = config["train_rows"] or "all"
+    if mode not in TRAIN_ROWS:
+        raise ValueError(f"train_rows must be one of {TRAIN_ROWS}, got {mode!r}")
+    if mode == "all":
+        return dataset
+    feat = dataset.inter_feat
+    uid_field, len_field = config["USER_ID_FIELD"], config["ITEM_LIST_LENGTH_FIELD"]
+    if uid_field not in feat.interaction:
+        raise ValueError(f"train_rows: longest needs the {uid_field} column in the training data")
+    users = feat[uid_field].cpu().numpy()
+    lengths = feat[len_field].cpu().numpy()
+    order = np.lexsort((-lengths, users))  # by user, longest first (stable: file order within ties)
+    first = np.r_[True, users[order][1:] != users[order][:-1]]
+    longest = np.maximum.reduceat(lengths[order], np.flatnonzero(first))
+    best = lengths == longest[np.cumsum(first) - 1][np.argsort(order)]
+    keep = _latest_windows(feat, config, users, best)
+    return dataset.copy(feat[torch.as_tensor(keep)])
+
+
+def _latest_windows(feat, config, users: np.ndarray, best: np.ndarray) -> np.ndarray:
+    """Row indices: each user's one row among its ``best`` rows (see :func:`longest_row_per_user`)."""
+    rows = np.flatnonzero(best)
+    uniq, first, counts = np.unique(users[rows], return_index=True, return_counts=True)
+    keep = [rows[first[counts == 1]]]
+    tied = uniq[counts > 1]
+    if tied.size:
+        seq_field = config["ITEM_ID_FIELD"] + config["LIST_SUFFIX"]
+        seqs, lens = feat[seq_field].cpu().numpy(), feat[config["ITEM_LIST_LENGTH_FIELD"]].cpu().numpy()
+        targets = feat[config["ITEM_ID_FIELD"]].cpu().numpy()
+        for user in tied:
+            mine = rows[users[rows] == user]
+            windows = {tuple(seqs[r, : lens[r]]) for r in mine}
+            latest = [r for r in mine if tuple(seqs[r, 1 : lens[r]]) + (targets[r],) not in windows]
+            keep.append(np.array(latest[:1] or mine[:1]))
+    return np.sort(np.concatenate(keep))

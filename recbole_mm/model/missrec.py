@@ -13,8 +13,8 @@ self-attention and cross-attention to the memory; the output at the last item is
 sequence vector ``s``.  An item's score is the dynamic fusion of its per-modality cosines,
 ``sum_m cos(s, a_m) * softmax_m(w * cos(s, a_m))`` with one learnable scalar ``w``
 (``(cos(s, e_ID) + 2 * fusion) / 3`` in transductive mode), divided by the temperature.
-The interest-diversity regulariser ``gamma * sum_b ||m_b * sum_l memory_bl||^2 / d`` is added
-to every loss.
+The interest-diversity regulariser ``gamma * sum_b ||m_b * sum_l memory_bl||^2 / d`` (``m_b``:
+the sequence's share of real interest slots) is added to every loss.
 
 Stages (``train_stage``): ``pretrain`` (in-batch sequence-item + ``lambda`` x
 sequence-sequence contrastive losses, item-drop / word-drop second view), ``inductive_ft``
@@ -25,7 +25,14 @@ LayerNorm, the fusion scalar (and the ID embedding) train.  ``modal_type``: ``im
 
 Deliberate differences from the reference code:
 
-* k-means runs in torch (CPU or GPU), no cupy/TorchPQ, seeded from the run's seed;
+* k-means is a real mini-batch k-means in torch (CPU or GPU, no cupy/TorchPQ, seeded from the
+  run's seed; k-means++ seeding when cheap, ``kmeans_init``).  The reference's vendored TorchPQ
+  ``MinibatchKMeans`` (CPU path) squares and square-roots the data and the centroids in place
+  (both become their absolute values), leaves empty clusters at zero and stops after one pass
+  (its convergence error compares the centroids with themselves): on Scientific_mm at epoch
+  0 it puts all 3,170 item vectors into 1 of 1,585 clusters, ours into ~1,570
+  (``benchmarks/missrec_reference_checks.py``).  Kept: one interest for every item makes the
+  interest encoder a constant;
 * a missing modality (all-zero feature row) is left out: not clustered, no interest token,
   not added to the item token, not part of the item's score (the reference feeds the
   adaptor's bias for it);
@@ -35,8 +42,13 @@ Deliberate differences from the reference code:
   pre-training works (the reference crashes);
 * same-target in-batch negatives are removed from the pre-training softmax
   (``contrastive_mask: inf``; ``none`` keeps them, as the reference);
-* the diversity regulariser pools only real interest tokens (the reference also sums the
-  outputs at padding positions, so its value depended on the batch's padding width).
+* the diversity regulariser (``diversity_reg``): ``reference`` (default) is the reference's
+  formula, ``(n_b / W) sum_l memory_bl`` over the ``W`` padded interest slots, padding outputs
+  included (computed once per sequence, as all padding slots share one input; one dropout
+  draw for them instead of one each); ``mean`` (ours before) pools only the real interests,
+  ~90x smaller at initialisation on Scientific_mm (``benchmarks/missrec_reference_checks.py``);
+* reference options we do not implement (``seq_mm_fusion: contextual``,
+  ``item_mm_fusion: dynamic_instance``, ``id_type: none``) are errors naming them.
 """
 
 from __future__ import annotations
@@ -53,6 +65,25 @@ from recbole_mm.model.layers import Packing, info_nce, minibatch_kmeans, packed_
 
 STAGES = ("pretrain", "inductive_ft", "transductive_ft")
 MODAL_TYPES = {"img_text": ("text", "image"), "text": ("text",), "img": ("image",)}
+
+
+# reference options (MM23-MISSRec props/MISSRec.yaml) whose other values are not implemented:
+# key -> (the value implemented, what the reference's other values do)
+UNIMPLEMENTED = {
+    "seq_mm_fusion": ("add", "'contextual' (modality tokens side by side in the item decoder)"),
+    "item_mm_fusion": (("dynamic_shared", "static"), "'dynamic_instance' (one fusion factor per item)"),
+    "id_type": ("id", "'none' (no ID term in transductive mode)"),
+}
+
+
+def _refuse_unimplemented(config) -> None:
+    """An error naming a reference option set to a value we do not implement (not silence)."""
+    for key, (ours, theirs) in UNIMPLEMENTED.items():
+        value = config[key]
+        allowed = ours if isinstance(ours, tuple) else (ours,)
+        if value is not None and value not in allowed:
+            raise ValueError(f"MISSRec: {key}: {value!r} is not implemented (the reference's {theirs}); "
+                             f"implemented: {', '.join(allowed)}")
 
 
 class MISSRec(MMSequentialRecommender):
@@ -82,9 +113,13 @@ class MISSRec(MMSequentialRecommender):
         self.kmeans_iters = int(config["kmeans_iters"] or 5)
         self.kmeans_batch = int(config["kmeans_batch_size"] or 2048)
         self.kmeans_init = config["kmeans_init"] or "auto"
+        self.diversity_reg = config["diversity_reg"] or "reference"
+        if self.diversity_reg not in ("reference", "mean"):
+            raise ValueError(f"MISSRec: diversity_reg must be reference or mean, got {self.diversity_reg!r}")
+        _refuse_unimplemented(config)
         self.item_fusion = config["item_mm_fusion"] or "dynamic_shared"
         if self.item_fusion not in ("dynamic_shared", "static"):
-            raise ValueError("MISSRec: item_mm_fusion must be dynamic_shared or static")
+            raise ValueError(f"MISSRec: item_mm_fusion must be dynamic_shared or static, got {self.item_fusion!r}")
         self.fix_enc = bool(config["fix_enc"])
         self.seed = int(config["seed"] or 0)
         self.initializer_range = config["initializer_range"]
@@ -252,19 +287,44 @@ class MISSRec(MMSequentialRecommender):
         n_int = (ids != 0).sum(1)
         mp = Packing(n_int, ids.size(1))
         z = self.interest_embeddings.index_select(0, mp.pack(ids))
+        pad = z.new_zeros(B, z.size(1)) if self.diversity_reg == "reference" else None  # interest 0's input row
         for layer in self.trm_model.encoder.layers:
+            if pad is not None:
+                pad = self._post_ln_block(layer, pad, mp, keys=z)
             z = self._post_ln_block(layer, z, mp)
-        memory = self.trm_model.encoder.norm(z) if self.trm_model.encoder.norm is not None else z
+        norm = self.trm_model.encoder.norm or nn.Identity()
+        memory = norm(z)
         layers = list(self.trm_model.decoder.layers)
         for i, layer in enumerate(layers):
             x = self._decoder_block(layer, x, ip, memory, mp, final=i == len(layers) - 1)
         seq = self.trm_model.decoder.norm(x) if self.trm_model.decoder.norm is not None else x
-        # diversity: squared norm of each sequence's mean interest memory
-        owner = torch.div(mp.flat, ids.size(1), rounding_mode="floor")
-        pooled = memory.new_zeros(B, memory.size(1)).index_add_(0, owner, memory)
-        pooled = pooled / mp.lengths.unsqueeze(1).to(memory.dtype)
-        reg = (pooled * pooled).sum() / self.hidden_size
+        reg = self._diversity(memory, mp, ids.size(1), None if pad is None else norm(pad), item_seq_len)
         return F.normalize(seq, dim=-1), reg
+
+    def _diversity(self, memory, mp, width, pad_out, item_seq_len):
+        """Interest-diversity regulariser ``sum_b ||p_b||^2 / d`` of the pooled memory ``p_b``.
+
+        ``diversity_reg: reference`` (default): the reference's ``p_b = (n_b / W) * sum_l
+        memory_bl`` over all ``W`` slots of the batch's padded interest lists, as its code
+        runs: RecBole 1.0.1 pads every item list to ``MAX_ITEM_LIST_LENGTH``, so a shorter
+        sequence's distinct interests include the padding item's interest 0 (one more slot),
+        ``W = max_b(n_b + [len_b < MAX_ITEM_LIST_LENGTH])``, and the ``W - n_b`` slots of id 0
+        are masked as keys but still produce an output (``pad_out``: the encoder run on the
+        zero input row, attending to the row's interests), which the sum includes.
+        ``mean``: ``p_b`` = the mean over the ``n_b`` real interests (ours before; about 90x
+        smaller at initialisation on Scientific_mm, docs/fidelity.md)."""
+        B = mp.batch
+        owner = torch.div(mp.flat, width, rounding_mode="floor")
+        pooled = memory.new_zeros(B, memory.size(1)).index_add_(0, owner, memory)
+        n = mp.lengths.to(memory.dtype).unsqueeze(1)
+        if pad_out is None:
+            pooled = pooled / n
+        else:
+            slots = n + (item_seq_len < self.max_seq_length).to(n.dtype).unsqueeze(1)
+            (every,), _ = gather_in_batch(slots.detach(), enabled=self.gather_negatives)
+            W = every.max()  # the global batch's width (distributed: over every rank's rows)
+            pooled = (n / W) * (pooled + (W - n) * pad_out)
+        return (pooled * pooled).sum() / self.hidden_size
 
     @staticmethod
     def _mha_proj(mha, x, which):
@@ -282,9 +342,12 @@ class MISSRec(MMSequentialRecommender):
     def _ffn(self, layer, x):
         return layer.linear2(layer.dropout(layer.activation(layer.linear1(x))))
 
-    def _post_ln_block(self, layer, z, packing):
-        """``nn.TransformerEncoderLayer`` (post-LN), bidirectional within each sequence."""
-        z = layer.norm1(z + layer.dropout1(self._attend(layer.self_attn, z, z, packing, False)))
+    def _post_ln_block(self, layer, z, packing, keys=None):
+        """``nn.TransformerEncoderLayer`` (post-LN), bidirectional within each sequence; with
+        ``keys`` (the packed layer input), ``z [B, H]`` is one extra query per sequence that
+        attends to the sequence's tokens and is no key itself (a padding slot's output)."""
+        att = self._attend(layer.self_attn, z, z if keys is None else keys, packing, keys is not None)
+        z = layer.norm1(z + layer.dropout1(att))
         return layer.norm2(z + layer.dropout2(self._ffn(layer, z)))
 
     def _decoder_block(self, layer, x, ip, memory, mp, final):

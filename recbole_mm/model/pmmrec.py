@@ -30,7 +30,10 @@ transferable alone:
   causal post-LN transformer (RecBole's ``TransformerEncoder`` run on the non-padding tokens
   only, ``layers.packed_encoder``).
 * **training loss**: in-batch softmax of ``u_{b,j} . e_k`` at every sequence position
-  (``loss_positions: all``; ``last``: the last one only) over the batch's items, with the
+  (``loss_positions: all``; ``last``: the last one only) of one row per user
+  (``train_rows: longest``, the user's longest prefix: each user once per epoch and each
+  (user, position) one term, as the released code; ``all``: every prefix row of RecBole's
+  split, which counts position ``j`` of an ``n``-item user ``n - j`` times) over the batch's items, with the
   logQ popularity correction ``- log pop(k)`` (``pop_correction``; ``pop`` = frequency in
   the training sequences), the user's own other items masked out.  Scores at evaluation:
   ``u . e_k`` over all items (the item table is computed once per evaluation).
@@ -64,17 +67,21 @@ Transfer (``-p CKPT``), ``transfer_mode``: ``full`` (item encoder + user encoder
 ``item_encoder`` or ``user_encoder``: exactly those weights are loaded (a missing or
 differently shaped one is an error), everything else keeps its fresh initialisation.
 
-What follows the released code (github.com/ICDE24/PMMRec, fine-tuning only): the
+What follows the released code (github.com/ICDE24/PMMRec): the
 architecture (per-modality encoders with a linear projection of every token state, one
 merged-attention fusion layer over the concatenated tokens, masked mean pooling; the
 ``sum``/``concat`` alternatives; a 2-block 2-head post-LN SASRec user encoder with a 4x
 feed-forward, ReLU, ``LN(e + pos)`` input; top-2 blocks of each encoder trainable), the
 loss (all positions, dot product, no temperature, logQ popularity correction, each user's
 other items masked, every in-batch *slot* a candidate so an item appearing ``c`` times counts
-``c`` times: we score each distinct item once and add ``log c``, which is the same softmax)
-and the three transfer modes.  What follows the paper (the released code has no
-pre-training objectives; reconstructed from the paper's description, see
-``../shared/design/pmmrec_recformer_reolm.md``): NICL, NID, RCL and their sum.
+``c`` times: we score each distinct item once and add ``log c``, which is the same softmax),
+its training rows (each user once per epoch: ``train_rows: longest``), batch (512 users) and
+NICL temperature (0.1) and the three transfer modes.  What follows the paper (reconstructed from
+its description, see ``../shared/design/pmmrec_recformer_reolm.md``): NICL, NID, RCL and their
+sum.  The released code's later upload has a cross-modal loss of its own (``metric_learning_8``:
+text anchors through an MLP head, image positives of the item and the next item, cosine / 0.1,
+weight 0.4 against 0.6 for the recommendation loss in pre-training and fine-tuning) and no
+NID or RCL; ``docs/fidelity.md`` lists how ours differs.
 
 Deliberate differences from the released code:
 
@@ -465,6 +472,13 @@ def _mean_over_sides(sums, weights, global_counts) -> torch.Tensor:
     return sum(sums[i] * weights[i] for i in sides) / len(sides)
 
 
+def _one_of(allowed: torch.Tensor) -> torch.Tensor:
+    """``[B, L]`` mask with one uniformly drawn ``allowed`` position per row (none where a row
+    allows none)."""
+    draw = torch.rand(allowed.shape, device=allowed.device).masked_fill(~allowed, -1.0)
+    return F.one_hot(draw.argmax(1), allowed.size(1)).bool() & allowed
+
+
 class PMMRec(MMSequentialRecommender):
     MODALITY_PREFIXES = {"image": ("item_encoder.image.",)}  # a text-only checkpoint: image tower fresh
 
@@ -485,13 +499,14 @@ class PMMRec(MMSequentialRecommender):
         self.loss_positions = config["loss_positions"] or "all"
         if self.loss_positions not in LOSS_POSITIONS:
             raise ValueError(f"PMMRec: loss_positions must be one of {LOSS_POSITIONS}, got {self.loss_positions!r}")
+        self.train_rows = config["train_rows"] or "all"  # the data layer applies it (data.longest_row_per_user)
         self.hidden_size = H = int(config["hidden_size"])
         self.pop_correction = bool(config["pop_correction"])
         self.nicl_weight = float(config["nicl_weight"] or 0.0)
         self.nid_weight = float(config["nid_weight"] or 0.0)
         self.rcl_weight = float(config["rcl_weight"] or 0.0)
-        self.nicl_temperature = float(config["nicl_temperature"] or 1.0)
-        self.rcl_temperature = float(config["rcl_temperature"] or 1.0)
+        self.nicl_temperature = float(config["nicl_temperature"] or 0.1)
+        self.rcl_temperature = float(config["rcl_temperature"] or 0.1)
         self.noise_ratio = float(config["noise_ratio"] if config["noise_ratio"] is not None else 0.2)
         self.noise_replace_prob = float(config["noise_replace_prob"] if config["noise_replace_prob"] is not None else 0.5)
         self.item_encode_batch_size = int(config["item_encode_batch_size"] or 256)
@@ -593,16 +608,19 @@ class PMMRec(MMSequentialRecommender):
         return feats[present].mean(0) if bool(present.any()) else feats.new_zeros(feats.shape[1])
 
     def _log_popularity(self, dataset) -> torch.Tensor:
-        """``log`` of each item's share of the training sequences (targets + first items; >= 1 count)."""
+        """``log`` of each item's share of the training sequences (>= 1 count): every item of
+        every row with ``train_rows: longest`` (one row per user holds the user's sequence),
+        otherwise the targets and the first items (every prefix is a row)."""
         feat = dataset.inter_feat
         iid, seq, seqlen = self.ITEM_ID, self.ITEM_SEQ, self.ITEM_SEQ_LEN
+        whole = self.train_rows == "longest"
         if isinstance(feat, pd.DataFrame):
             targets = torch.as_tensor(feat[iid].to_numpy(dtype=np.int64))
-            lens = feat[seqlen].to_numpy()
-            firsts = torch.as_tensor(np.array([s[0] for s, n in zip(feat[seq], lens) if n == 1], dtype=np.int64))
+            rows = [np.asarray(s)[:n] for s, n in zip(feat[seq], feat[seqlen].to_numpy()) if whole or n == 1]
+            firsts = torch.as_tensor(np.concatenate(rows or [[]]).astype(np.int64))  # n == 1 rows: their item
         else:
-            targets, lens = feat[iid].long(), feat[seqlen]
-            firsts = feat[seq][lens == 1, 0].long()
+            targets, lists, lens = feat[iid].long(), feat[seq].long(), feat[seqlen]
+            firsts = lists[lists > 0] if whole else lists[lens == 1, 0]
         counts = torch.bincount(torch.cat([targets, firsts]), minlength=self.n_items)[: self.n_items].float()
         counts = counts.clamp_min(1.0)
         return (counts / counts.sum()).log()
@@ -775,24 +793,38 @@ class PMMRec(MMSequentialRecommender):
     def corrupt(self, view: _BatchView):
         """Noised copy of the batch's packed tokens (indices into the batch's items) and the
         per-token "noised" label.  Each position after the first is picked with probability
-        ``noise_ratio``; a picked one is replaced by a random in-batch slot's item with
-        probability ``noise_replace_prob``, otherwise the picked positions of a row are shuffled
-        among themselves.  A token whose item did not change is labelled clean."""
+        ``noise_ratio``, and (``noise_ratio > 0``) every row with a position after the first
+        gets at least one (so every such row has noise to detect and a corrupted view that
+        differs; ``noise_ratio: 0`` corrupts nothing); a picked one is
+        replaced by a random in-batch slot's item with probability ``noise_replace_prob``,
+        otherwise the picked positions of a row are rotated among themselves (a random cycle,
+        so each moves).  A lone position to shuffle takes a second unpicked one of its row, or
+        is replaced when the row has none (a 2-item row).  A row of one item cannot be
+        corrupted (its first item has no context); a token whose item did not change (a
+        replacement or a moved item equal to the original) is labelled clean."""
         p = view.packing
         B, L = p.batch, p.width
         dev = view.tok.device
         pos = torch.arange(L, device=dev).unsqueeze(0)
-        valid = pos < p.lengths.unsqueeze(1)
+        free = (pos < p.lengths.unsqueeze(1)) & (pos > 0)
         seq = torch.zeros(B * L, dtype=torch.long, device=dev).index_copy(0, p.flat, view.tok).view(B, L)
-        picked = (torch.rand(B, L, device=dev) < self.noise_ratio) & valid & (pos > 0)
+        picked = (torch.rand(B, L, device=dev) < self.noise_ratio) & free
+        if self.noise_ratio > 0:
+            picked |= _one_of(free)
         replace = picked & (torch.rand(B, L, device=dev) < self.noise_replace_prob)
         shuffle = picked & ~replace
+        lone = shuffle.sum(1, keepdim=True) == 1
+        partner = _one_of(free & ~picked) & lone
+        replace = replace | (shuffle & lone & ~partner.any(1, keepdim=True))
+        shuffle = (shuffle | partner) & ~replace
         slots = torch.cat([view.tok, view.tgt])
         noisy = torch.where(replace, slots[torch.randint(slots.numel(), (B, L), device=dev)], seq)
-        # k-th shuffled position (in order) takes the item of the k-th one in a random order
-        rand_order = torch.rand(B, L, device=dev).masked_fill(~shuffle, 2.0).argsort(dim=1)
-        in_order = torch.where(shuffle, pos, pos + L).argsort(dim=1)
-        moved = torch.empty_like(seq).scatter_(1, in_order, seq.gather(1, rand_order))
+        # the shuffled positions in a random order o_0..o_{m-1}: o_k takes the item of o_{k+1 mod m}
+        order = torch.rand(B, L, device=dev).masked_fill(~shuffle, 2.0).argsort(dim=1)
+        m = shuffle.sum(1, keepdim=True)
+        k = pos.expand(B, L)
+        source = order.gather(1, torch.where(k < m - 1, k + 1, torch.where(k == m - 1, torch.zeros_like(k), k)))
+        moved = seq.clone().scatter_(1, order, seq.gather(1, source))
         noisy = torch.where(shuffle, moved, noisy)
         noisy_tok, label = p.pack(noisy), p.pack(noisy != seq)
         return noisy_tok, label

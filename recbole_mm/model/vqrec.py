@@ -24,7 +24,7 @@ The quantiser (rotation, IVF centroid, codebooks) is a persistent buffer: a chec
 it, so ``recbole_mm.load(ckpt).with_catalogue(DIR)`` encodes another catalogue's features with
 it (no faiss needed); the codes themselves are recomputed from the features after every load.
 
-Differences from the reference (docs/fidelity-vqrec.md, each with its config key):
+Differences from the reference (docs/fidelity.md, section VQ-Rec, each with its config key):
 
 * the permutation gets a gradient (straight-through: forward with the hard permutation,
   backward through the Sinkhorn matrix); the reference's ``ceil`` has zero gradient, so its
