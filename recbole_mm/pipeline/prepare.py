@@ -180,7 +180,8 @@ def register(sub) -> None:
     p.add_argument("--input", required=True, metavar="RAW_DIR", help="folder of the raw files (--download writes them there)")
     p.add_argument("--output", default="dataset/downstream", metavar="OUT_DIR",
                    help="writes OUT_DIR/NAME/NAME.* (default: %(default)s; pre-training domains: dataset/pretrain)")
-    p.add_argument("--format", dest="fmt", choices=["amazon2023", "amazon2018"], default="amazon2023")
+    p.add_argument("--format", dest="fmt", choices=["amazon2023", "amazon2018"], default="amazon2023",
+                   help="raw file layout (default: %(default)s; --download needs amazon2023)")
     p.add_argument("--download", action="store_true", help="fetch the Amazon Reviews 2023 files of the category first")
     p.add_argument("--base-url", default=BASE_URL, help="where --download fetches from (default: %(default)s)")
     p.add_argument("--retries", type=int, default=5, help="--download: resumed attempts per file (default: %(default)s)")
