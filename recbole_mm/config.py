@@ -62,16 +62,20 @@ class ConfigError(ValueError):
     """A config key or value that cannot be used (one line naming the key; exit code 2 from the CLI)."""
 
 
-@lru_cache(maxsize=1)
 def known_keys() -> frozenset:
     """Every key a user may set: RecBole's own (its overall, model and dataset YAML files), every
     ``props/*.yaml`` key and the runtime keys of :data:`_RUNTIME_KEYS`."""
+    return _known_keys(str(props_dir()))
+
+
+@lru_cache(maxsize=4)
+def _known_keys(props: str) -> frozenset:  # per props folder (RECBOLE_MM_PROPS may point elsewhere)
     import yaml
     import recbole
 
     root = os.path.join(os.path.dirname(recbole.__file__), "properties")
     keys = set(_RUNTIME_KEYS)
-    for f in glob.glob(os.path.join(root, "**", "*.yaml"), recursive=True) + glob.glob(str(props_dir() / "*.yaml")):
+    for f in glob.glob(os.path.join(root, "**", "*.yaml"), recursive=True) + glob.glob(os.path.join(props, "*.yaml")):
         with open(f, encoding="utf-8") as fh:
             keys |= set(yaml.safe_load(fh) or {})
     return frozenset(keys)
