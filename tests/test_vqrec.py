@@ -227,7 +227,7 @@ def test_cli_reports_bad_code_settings_and_missing_faiss_in_one_line(tiny_root, 
     from recbole_mm.cli import main
 
     argv = ["finetune", "-m", "VQRec", "-d", "Tiny", "--data_path", str(tiny_root), "--epochs=1", "--use_gpu=False",
-            "--state=WARNING", "--code_dim=4"]
+            "--state=WARNING", "--code_dim=4", "--topk=[10]"]
     assert main(argv) == 2  # code_cap 256 > 40 training items
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--code_cap=32" in err[0]

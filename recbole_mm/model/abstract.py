@@ -47,8 +47,9 @@ def load_pretrained_state(model: nn.Module, state_dict: dict, wanted=None, who: 
     return wanted
 
 
-# feature file key -> feature size key: a model on features of another size cannot take the weights
-_FEATURE_SIZES = {"plm_suffix": "plm_size", "img_suffix": "img_size"}
+# feature file key -> (feature size key, modality): a model on features of another size cannot take
+# the weights of that modality's side
+_FEATURE_SIZES = {"plm_suffix": ("plm_size", "text"), "img_suffix": ("img_size", "image")}
 
 
 def check_pretrained_checkpoint(ckpt: dict, model_class: type, config, path: str) -> None:
@@ -65,7 +66,10 @@ def check_pretrained_checkpoint(ckpt: dict, model_class: type, config, path: str
     if not issubclass(model_class, MMSequentialRecommender):
         return
     theirs = ckpt.get("config") or {}
-    for suffix_key, size_key in _FEATURE_SIZES.items():
+    untrained = set(ckpt.get("untrained_modalities") or [])  # e.g. text-only pre-training: image side stays fresh
+    for suffix_key, (size_key, modality) in _FEATURE_SIZES.items():
+        if modality in untrained:
+            continue
         if config[suffix_key] and theirs.get(suffix_key) and theirs.get(size_key) and config[size_key] \
                 and int(theirs[size_key]) != int(config[size_key]):
             raise CheckpointError(
