@@ -356,3 +356,20 @@ def minibatch_kmeans(
         if (centroids - old).norm(dim=1).max() < tol:
             break
     return centroids, _nearest(x, centroids)
+
+
+def config_transformer_encoder(config, hidden_size: int):
+    """RecBole's ``TransformerEncoder`` sized by the SASRec-style config keys (``n_layers``,
+    ``n_heads``, ``inner_size``, dropouts, ``hidden_act``, ``layer_norm_eps``)."""
+    from recbole.model.layers import TransformerEncoder
+
+    return TransformerEncoder(
+        n_layers=config["n_layers"],
+        n_heads=config["n_heads"],
+        hidden_size=hidden_size,
+        inner_size=config["inner_size"],
+        hidden_dropout_prob=config["hidden_dropout_prob"],
+        attn_dropout_prob=config["attn_dropout_prob"],
+        hidden_act=config["hidden_act"],
+        layer_norm_eps=config["layer_norm_eps"],
+    )

@@ -30,12 +30,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from recbole.model.layers import TransformerEncoder
 from torch import nn
 
 from recbole_mm.distributed import gather_in_batch
 from recbole_mm.model.abstract import MMSequentialRecommender
-from recbole_mm.model.layers import MoEAdaptor, Packing, info_nce, packed_encoder, same_target_mask
+from recbole_mm.model.layers import (MoEAdaptor, Packing, config_transformer_encoder, info_nce, packed_encoder,
+                                     same_target_mask)
 
 STAGES = ("pretrain", "inductive_ft", "transductive_ft")
 
@@ -46,8 +46,6 @@ class UniSRec(MMSequentialRecommender):
         self.train_stage = config["train_stage"]
         if self.train_stage not in STAGES:
             raise ValueError(f"UniSRec: train_stage must be one of {STAGES}, got {self.train_stage!r}")
-        self.n_layers = config["n_layers"]
-        self.n_heads = config["n_heads"]
         self.hidden_size = config["hidden_size"]
         self.temperature = float(config["temperature"])
         self.lam = float(config["lambda"])
@@ -67,16 +65,7 @@ class UniSRec(MMSequentialRecommender):
         plm_size = self.text_features.shape[1]
 
         self.position_embedding = nn.Embedding(self.max_seq_length, self.hidden_size)
-        self.trm_encoder = TransformerEncoder(
-            n_layers=self.n_layers,
-            n_heads=self.n_heads,
-            hidden_size=self.hidden_size,
-            inner_size=config["inner_size"],
-            hidden_dropout_prob=config["hidden_dropout_prob"],
-            attn_dropout_prob=config["attn_dropout_prob"],
-            hidden_act=config["hidden_act"],
-            layer_norm_eps=config["layer_norm_eps"],
-        )
+        self.trm_encoder = config_transformer_encoder(config, self.hidden_size)
         self.LayerNorm = nn.LayerNorm(self.hidden_size, eps=config["layer_norm_eps"])
         self.dropout = nn.Dropout(config["hidden_dropout_prob"])
         if self.train_stage == "transductive_ft":

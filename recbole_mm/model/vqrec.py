@@ -46,14 +46,13 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
-from recbole.model.layers import TransformerEncoder
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from recbole_mm.data.codes import QUANTISER_KEYS, dataset_codes, encode
 from recbole_mm.distributed import gather_in_batch
 from recbole_mm.model.abstract import MMSequentialRecommender
-from recbole_mm.model.layers import Packing, packed_encoder, same_target_mask
+from recbole_mm.model.layers import Packing, config_transformer_encoder, packed_encoder, same_target_mask
 
 STAGES = ("pretrain", "inductive_ft", "transductive_ft")
 GUMBEL_TEMPERATURE = 0.7  # the reference's gumbel_sinkhorn default
@@ -118,16 +117,7 @@ class VQRec(MMSequentialRecommender):
 
         self.pq_code_embedding = nn.Embedding(self.code_dim * (self.code_cap + 1), self.hidden_size, padding_idx=0)
         self.position_embedding = nn.Embedding(self.max_seq_length, self.hidden_size)
-        self.trm_encoder = TransformerEncoder(
-            n_layers=config["n_layers"],
-            n_heads=config["n_heads"],
-            hidden_size=self.hidden_size,
-            inner_size=config["inner_size"],
-            hidden_dropout_prob=config["hidden_dropout_prob"],
-            attn_dropout_prob=config["attn_dropout_prob"],
-            hidden_act=config["hidden_act"],
-            layer_norm_eps=config["layer_norm_eps"],
-        )
+        self.trm_encoder = config_transformer_encoder(config, self.hidden_size)
         self.LayerNorm = nn.LayerNorm(self.hidden_size, eps=config["layer_norm_eps"])
         self.dropout = nn.Dropout(config["hidden_dropout_prob"])
         self.item_embedding = (
