@@ -125,10 +125,23 @@ def check_values(config, where=lambda key: f"config key {key!r}") -> None:
                           f"{config['metrics']} at topk {topk}")
 
 
+# the default YAML files ship inside the package (package data, so a wheel has them too); the
+# top-level ``props/`` of a source checkout is a symlink to this folder (one source of truth)
+PACKAGE_PROPS = Path(__file__).resolve().parent / "props"
+
+
 def props_dir() -> Path:
-    """Directory holding the layered YAML files (``RECBOLE_MM_PROPS`` overrides it)."""
+    """Directory holding the layered YAML files: ``recbole_mm/props`` (``props/`` in a checkout
+    links to it), found the same way in a source checkout, an editable and a wheel install;
+    ``RECBOLE_MM_PROPS`` overrides it.  A missing folder is a :class:`FileNotFoundError`: running on
+    RecBole's defaults alone would silently change every model."""
     env = os.environ.get("RECBOLE_MM_PROPS")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "props"
+    root = Path(env) if env else PACKAGE_PROPS
+    if not root.is_dir():
+        where = "RECBOLE_MM_PROPS" if env else "the recbole_mm package (package data: recbole_mm/props/*.yaml)"
+        raise FileNotFoundError(f"config defaults folder not found: {root} (from {where}); "
+                                "reinstall recbole_mm or point RECBOLE_MM_PROPS at a props folder")
+    return root
 
 
 def layered_prop_files(model_name: str, dataset: str, stage: str, recbole_model: bool = False) -> list[str]:

@@ -59,6 +59,7 @@ from recbole_mm.data.readers import (
     read_text,
     require_file,
 )
+from recbole_mm.encoders import IMAGE_EXTS, index_image_folder
 
 # config key -> (features name, size key).  ``plm_suffix_aug``: optional text features of
 # word-dropped texts (UniSRec's ``feat2CLS``), checked against ``plm_size``.
@@ -396,11 +397,9 @@ def _warn_no_images(absent: list[Domain], suffix: str, dim: int) -> None:
 
 def _image_files(folder: str, domains, domain_raw) -> list[str | None]:
     """Image file of every item (``None`` when absent), in vocabulary order."""
-    from recbole_mm.pipeline.images import IMAGE_EXTS, _index_folder  # lazy: pipeline imports data
-
     if not os.path.isdir(folder):
         raise DataValidationError(f"{folder}: image folder not found (image_path)")
-    files = _index_folder(folder)
+    files = index_image_folder(folder)
     single = len(domains) == 1
     out = [files.get(raw) or (files.get(str(i)) if single else None) for raws in domain_raw for i, raw in enumerate(raws)]
     if not any(out):

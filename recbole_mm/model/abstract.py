@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from recbole.model.abstract_recommender import SequentialRecommender
 
-from recbole_mm.trainer.checkpoint import CheckpointError
+from recbole_mm.errors import CheckpointError, MissingConfigKey
 
 
 def load_pretrained_state(model: nn.Module, state_dict: dict, wanted=None, who: str | None = None,

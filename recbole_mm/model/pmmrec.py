@@ -118,6 +118,7 @@ from recbole.model.layers import TransformerEncoder
 from torch import nn
 
 from recbole_mm.distributed import gather_in_batch, global_mean_weights
+from recbole_mm.encoders import BICUBIC, CLIP_MEAN, CLIP_STD, decode_image, local_model_type, preprocess_image, quiet_transformers
 from recbole_mm.model.abstract import MMSequentialRecommender, load_pretrained_state
 from recbole_mm.model.layers import MoEAdaptor, Packing, PWLayer, info_nce, packed_encoder, same_target_mask
 
@@ -184,20 +185,6 @@ class FeatureTower(nn.Module):
         return x.unsqueeze(1), present.unsqueeze(1), x
 
 
-def _quiet():
-    from recbole_mm.pipeline.images import _quiet_transformers
-
-    return _quiet_transformers()
-
-
-def _model_type(path: str, what: str) -> str:
-    cfg = os.path.join(path, "config.json")
-    if not os.path.isdir(path) or not os.path.isfile(cfg):
-        raise ValueError(f"PMMRec end_to_end: {what} {path!r} is not a local transformers model folder (no config.json)")
-    with open(cfg, encoding="utf-8") as f:
-        return json.load(f).get("model_type", "")
-
-
 def _layer_list(model: nn.Module) -> nn.ModuleList:
     """The encoder's block list (the longest ``ModuleList``: BERT ``encoder.layer``, CLIP ``encoder.layers``)."""
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
@@ -225,9 +212,8 @@ class TextTower(nn.Module):
         super().__init__()
         from transformers import AutoModel, CLIPModel
 
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        kind = _model_type(path, "text_encoder_path")
-        with _quiet():
+        kind = local_model_type(path, "PMMRec end_to_end: text_encoder_path")
+        with quiet_transformers():
             if kind == "clip":
                 self.encoder = CLIPModel.from_pretrained(path, local_files_only=True).text_model
             else:
@@ -250,9 +236,8 @@ class VisionTower(nn.Module):
         super().__init__()
         from transformers import CLIPModel, CLIPVisionModel
 
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        kind = _model_type(path, "image_encoder_path")
-        with _quiet():
+        kind = local_model_type(path, "PMMRec end_to_end: image_encoder_path")
+        with quiet_transformers():
             if kind == "clip":
                 self.encoder = CLIPModel.from_pretrained(path, local_files_only=True).vision_model
             elif kind == "clip_vision_model":
@@ -267,8 +252,6 @@ class VisionTower(nn.Module):
         self.n_tokens = (cfg.image_size // cfg.patch_size) ** 2 + 1
         self.hidden = hidden
         # CLIP preprocessing (the folder's preprocessor_config.json when present)
-        from recbole_mm.pipeline.images import BICUBIC, CLIP_MEAN, CLIP_STD
-
         self.size = self.crop = self.image_size
         self.mean, self.std, self.resample = CLIP_MEAN, CLIP_STD, BICUBIC
         pp = os.path.join(path, "preprocessor_config.json")
@@ -286,15 +269,13 @@ class VisionTower(nn.Module):
     def load_pixels(self, files: list) -> tuple[torch.Tensor, torch.Tensor]:
         """Image files (``None`` = missing) -> ``uint8 [N, 3, crop, crop]`` (resized, centre-cropped,
         not normalised: 4x smaller than float) and a presence mask; unreadable files count as missing."""
-        from recbole_mm.pipeline.images import _decode, preprocess_image
-
         pixels = torch.zeros(len(files), 3, self.crop, self.crop, dtype=torch.uint8)
         present = torch.zeros(len(files), dtype=torch.bool)
         for i, path in enumerate(files):
             if not path:
                 continue
             try:
-                img = _decode(path)
+                img = decode_image(path)
             except Exception:  # noqa: BLE001 - an unreadable file only costs this item its image
                 continue
             arr = preprocess_image(img, self.size, self.crop, (0.0, 0.0, 0.0), (1 / 255,) * 3, self.resample)
@@ -576,7 +557,7 @@ class PMMRec(MMSequentialRecommender):
         from transformers import AutoTokenizer
 
         path = config["text_encoder_path"]
-        with _quiet():
+        with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         max_len = min(int(config["text_max_length"] or 50), text.max_positions)
         enc = tokenizer(list(dataset.item_text), padding="longest", truncation=True, max_length=max_len,

