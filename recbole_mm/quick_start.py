@@ -25,7 +25,7 @@ from recbole.utils import get_local_time, init_logger, init_seed
 from recbole_mm import distributed
 from recbole_mm.config import Config, config_to_plain
 from recbole_mm.data import create_dataset, data_preparation
-from recbole_mm.model.abstract import MMSequentialRecommender, check_pretrained_checkpoint, load_pretrained_state
+from recbole_mm.model.abstract import check_pretrained_checkpoint, model_stages, transfer
 from recbole_mm.trainer import MMTrainer, load_checkpoint
 from recbole_mm.trainer.checkpoint import RunLock, remove_stale_temps, run_base
 from recbole_mm.trainer.trainer import check_resume_checkpoint
@@ -45,17 +45,18 @@ def build_config(model, dataset, stage="finetune", mode=None, config_files=None,
     except ValueError as e:  # an unknown name: the message lists the known ones
         raise UsageError(str(e)) from None
     config_dict = dict(config_dict or {})
+    stages = model_stages(model_class)  # the model contract (RecBole's S3Rec: pretrain / finetune)
     if mode is not None:
         if mode not in MODES:
             raise UsageError(f"--mode must be one of {MODES}, got '{mode}'")
-        if issubclass(model_class, MMSequentialRecommender):
+        if any(s.endswith("_ft") for s in stages):  # a feature-based model: --mode picks its fine-tuning stage
             config_dict["train_stage"] = f"{mode}_ft"
         elif mode == "inductive":
             raise UsageError(
                 f"{model_class.__name__} is an ID-based RecBole model: it has no inductive (feature-only) mode; "
                 "ID models have one mode (their item IDs), so --mode can be dropped"
             )
-    if stage == "pretrain" and (issubclass(model_class, MMSequentialRecommender) or model_class.__name__ == "S3Rec"):
+    if stage == "pretrain" and "pretrain" in stages:
         config_dict.setdefault("train_stage", "pretrain")
     config = Config(model_class, dataset, stage, config_files, config_dict, overrides, strict_keys=strict_config)
     if config["model"] == "S3Rec" and config["train_stage"] == "finetune" and not config["pre_model_path"]:
@@ -148,12 +149,7 @@ def _train(config, ds, stage, mode, pretrained, pretrained_state, untrained, res
     init_seed(config["seed"] + distributed.rank(), config["reproducibility"])  # own random draws per rank
     net = get_model(config["model"])(config, train_data._dataset).to(config["device"])
     if pretrained_state is not None:
-        if untrained and hasattr(net, "keep_fresh"):
-            pretrained_state = net.keep_fresh(pretrained_state, untrained)
-        if hasattr(net, "load_pretrained"):
-            net.load_pretrained(pretrained_state)
-        else:  # RecBole's models: the same checked loading
-            load_pretrained_state(net, pretrained_state)
+        transfer(net, pretrained_state, untrained)  # ours: load_pretrained (+ fix_enc); RecBole's: the same checks
         logger.info(f"pre-trained weights from {pretrained}")
     logger.info(net)
     trainer = MMTrainer(config, net, ds, run_name=os.path.basename(base))

@@ -1,4 +1,21 @@
-"""Base class of the recbole_mm models."""
+"""Base class of the recbole_mm models and the model contract.
+
+The contract (class attributes and no-op hooks of :class:`MMSequentialRecommender`, read for any
+model class, RecBole's included, through the module-level helpers):
+
+* ``STAGES``: the ``train_stage`` values the model supports (:func:`model_stages`; ``()`` for a
+  model without stages, e.g. RecBole's);
+* ``IS_LANGUAGE_MODEL``: a language-model recommender (Recformer, ReoLM: :func:`is_language_model`);
+* ``CATALOGUE_BUFFERS``: buffers computed from a catalogue's features (MISSRec's interests), not
+  weights: dropped when the model transfers or is rebuilt on another catalogue;
+* ``on_epoch_start(epoch, train_data=None)``: run by the trainer before every epoch when the model
+  overrides it (:func:`epoch_hook`);
+* ``frozen_on_transfer()``: the parameters frozen after ``load_pretrained(state_dict, fix_enc=...)``
+  (:func:`transfer`), the one path that loads a pre-training checkpoint then freezes.
+
+Models read their keys from the config only (:func:`required`): every default lives in
+``props/<Model>.yaml`` or ``props/overall.yaml``.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +27,67 @@ from torch import nn
 from recbole.model.abstract_recommender import SequentialRecommender
 
 from recbole_mm.errors import CheckpointError, MissingConfigKey
+
+
+def required(config, key: str, model: str | type | None = None):
+    """``config[key]``, which a config layer must define (a value of ``None`` is a value); a key that
+    no layer defines is a :class:`MissingConfigKey` naming the key and the props file it belongs in
+    (RecBole's ``Config`` answers ``None`` for any unknown key, which would hide a missing default)."""
+    if key not in config:
+        name = model.__name__ if isinstance(model, type) else (model or _config_model(config))
+        where = f"props/{name}.yaml" if name else "props/<Model>.yaml"
+        raise MissingConfigKey(f"config key {key!r} is not set: its default belongs in {where} "
+                               f"(or props/overall.yaml); models have no in-code defaults")
+    return config[key]
+
+
+def _config_model(config):
+    try:
+        return config["model"]
+    except KeyError:
+        return None
+
+
+# the contract of RecBole's own models, which cannot carry our class attributes
+_RECBOLE_STAGES = {"S3Rec": ("pretrain", "finetune")}
+
+
+def model_stages(model_class) -> tuple[str, ...]:
+    """The ``train_stage`` values ``model_class`` supports (``STAGES``; RecBole's S3Rec: pretrain /
+    finetune; ``()``: no stages, e.g. SASRec)."""
+    stages = getattr(model_class, "STAGES", None)
+    return tuple(stages if stages is not None else _RECBOLE_STAGES.get(model_class.__name__, ()))
+
+
+def is_language_model(model_class) -> bool:
+    """Whether ``model_class`` is a language-model recommender (``IS_LANGUAGE_MODEL``)."""
+    return bool(getattr(model_class, "IS_LANGUAGE_MODEL", False))
+
+
+def catalogue_buffers(model_class) -> tuple[str, ...]:
+    """Names of the buffers of ``model_class`` that describe a catalogue (``CATALOGUE_BUFFERS``)."""
+    return tuple(getattr(model_class, "CATALOGUE_BUFFERS", ()))
+
+
+def epoch_hook(model):
+    """The model's ``on_epoch_start`` when it does something (overridden), else ``None``: the
+    trainer times it, runs it on rank 0 and broadcasts the buffers only for models that have one."""
+    hook = getattr(type(model), "on_epoch_start", None)
+    if hook is None or hook is MMSequentialRecommender.on_epoch_start:
+        return None
+    return model.on_epoch_start
+
+
+def transfer(model, state_dict: dict, untrained=(), fix_enc: bool | None = None) -> None:
+    """Initialise ``model`` (any class) from a pre-training checkpoint's ``state_dict``: ours through
+    :meth:`MMSequentialRecommender.load_pretrained` (the weights of ``untrained`` modalities stay
+    fresh), RecBole's through the same checked loading (:func:`load_pretrained_state`)."""
+    if isinstance(model, MMSequentialRecommender):
+        if untrained:
+            state_dict = model.keep_fresh(state_dict, untrained)
+        model.load_pretrained(state_dict, fix_enc=fix_enc)
+    else:
+        load_pretrained_state(model, state_dict)
 
 
 def load_pretrained_state(model: nn.Module, state_dict: dict, wanted=None, who: str | None = None,
@@ -27,7 +105,7 @@ def load_pretrained_state(model: nn.Module, state_dict: dict, wanted=None, who: 
     who = who or type(model).__name__
     if wanted is None:
         n_items = getattr(model, "n_items", None)
-        frozen = set(model.frozen_on_transfer()) if hasattr(model, "frozen_on_transfer") else set()
+        frozen = set(model.frozen_on_transfer()) if isinstance(model, MMSequentialRecommender) else set()
         wanted = [k for k in own if k in frozen or (k in state_dict and not _catalogue_sized(own[k], state_dict[k], n_items))]
     missing = [k for k in wanted if k not in state_dict]
     shaped = [k for k in wanted if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
@@ -96,6 +174,11 @@ class MMSequentialRecommender(SequentialRecommender):
     * ``gather_negatives`` (config, default True): in distributed training, in-batch
       contrastive losses gather their keys from every rank (``distributed.gather_in_batch``).
     """
+
+    # -- the model contract (see the module docstring) ----------------------------------
+    STAGES: tuple[str, ...] = ("pretrain", "inductive_ft", "transductive_ft")
+    IS_LANGUAGE_MODEL: bool = False
+    CATALOGUE_BUFFERS: tuple[str, ...] = ()
 
     # weights that only see one modality's features (``{modality: (name prefixes)}``): a
     # checkpoint trained without that modality leaves them fresh (``untrained_modalities``)
@@ -170,8 +253,39 @@ class MMSequentialRecommender(SequentialRecommender):
         finally:
             self._item_cache_on, self._item_cache = False, {}
 
-    def load_pretrained(self, state_dict: dict) -> None:
-        """Load transferable weights from a pre-training checkpoint, checked
-        (:func:`load_pretrained_state`); parameters the checkpoint lacks stay fresh unless
-        ``frozen_on_transfer`` lists them (then it is an error)."""
+    # -- hooks of the contract ------------------------------------------------------------
+    def on_epoch_start(self, epoch: int, train_data=None) -> None:
+        """Before every training epoch (e.g. MISSRec's interest clustering); nothing by default."""
+
+    def frozen_on_transfer(self) -> list[str]:
+        """Parameter names frozen by ``load_pretrained`` under ``fix_enc`` (they must come from the checkpoint)."""
+        return []
+
+    def fixes_on_transfer(self) -> bool:
+        """``fix_enc`` of ``load_pretrained`` when the caller does not say: the ``fix_enc`` config
+        key, when fine-tuning (a pre-training run continued from a checkpoint trains everything)."""
+        return bool(getattr(self, "fix_enc", False)) and getattr(self, "train_stage", None) != "pretrain"
+
+    def load_transferable(self, state_dict: dict) -> None:
+        """The checked loading of ``load_pretrained`` (:func:`load_pretrained_state`); a model that
+        takes only part of a checkpoint overrides it."""
         load_pretrained_state(self, state_dict)
+
+    def load_pretrained(self, state_dict: dict, fix_enc: bool | None = None) -> None:
+        """Load transferable weights from a pre-training checkpoint, checked
+        (:meth:`load_transferable`: parameters the checkpoint lacks stay fresh unless
+        ``frozen_on_transfer`` lists them, then it is an error; ``CATALOGUE_BUFFERS`` are not
+        taken), then freeze ``frozen_on_transfer()`` under ``fix_enc`` (default:
+        :meth:`fixes_on_transfer`)."""
+        if self.CATALOGUE_BUFFERS:  # they belong to the pre-training catalogue: recomputed here
+            state_dict = {k: v for k, v in state_dict.items() if k.split(".")[-1] not in self.CATALOGUE_BUFFERS}
+        self.load_transferable(state_dict)
+        if self.fixes_on_transfer() if fix_enc is None else fix_enc:
+            self.freeze(self.frozen_on_transfer())
+
+    def freeze(self, names) -> None:
+        """``requires_grad_(False)`` for the named parameters."""
+        names = set(names)
+        for name, p in self.named_parameters():
+            if name in names:
+                p.requires_grad_(False)

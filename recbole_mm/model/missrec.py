@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recbole_mm.distributed import gather_in_batch
-from recbole_mm.model.abstract import MMSequentialRecommender
+from recbole_mm.model.abstract import MMSequentialRecommender, required
 from recbole_mm.model.layers import Packing, info_nce, minibatch_kmeans, packed_attention, same_target_mask
 
 STAGES = ("pretrain", "inductive_ft", "transductive_ft")
@@ -87,6 +87,9 @@ def _refuse_unimplemented(config) -> None:
 
 
 class MISSRec(MMSequentialRecommender):
+    STAGES = STAGES
+    # the interests (k-means over the catalogue's adapted features): recomputed, never transferred
+    CATALOGUE_BUFFERS = ("text_interest", "image_interest", "interest_embeddings", "interests_ready")
     MODALITY_PREFIXES = {"image": ("img_adaptor.",)}  # a text-only checkpoint: image adaptor fresh
 
     def __init__(self, config, dataset):
@@ -94,7 +97,7 @@ class MISSRec(MMSequentialRecommender):
         self.train_stage = config["train_stage"]
         if self.train_stage not in STAGES:
             raise ValueError(f"MISSRec: train_stage must be one of {STAGES}, got {self.train_stage!r}")
-        modal_type = config["modal_type"] or "img_text"
+        modal_type = required(config, "modal_type")
         if modal_type not in MODAL_TYPES:
             raise ValueError(f"MISSRec: modal_type must be one of {sorted(MODAL_TYPES)}, got {modal_type!r}")
         self.modalities = MODAL_TYPES[modal_type]
@@ -107,21 +110,21 @@ class MISSRec(MMSequentialRecommender):
         self.gamma = float(config["gamma"])
         self.item_drop_ratio = float(config["item_drop_ratio"])
         self.item_drop_coefficient = float(config["item_drop_coefficient"])
-        self.feature_drop_ratio = float(config["feature_drop_ratio"] or 0.0)
-        self.contrastive_mask = config["contrastive_mask"] or "inf"
+        self.feature_drop_ratio = float(required(config, "feature_drop_ratio"))
+        self.contrastive_mask = required(config, "contrastive_mask")
         self.interest_ratio = float(config["interest_ratio"])
-        self.kmeans_iters = int(config["kmeans_iters"] or 5)
-        self.kmeans_batch = int(config["kmeans_batch_size"] or 2048)
-        self.kmeans_init = config["kmeans_init"] or "auto"
-        self.diversity_reg = config["diversity_reg"] or "reference"
+        self.kmeans_iters = int(required(config, "kmeans_iters"))
+        self.kmeans_batch = int(required(config, "kmeans_batch_size"))
+        self.kmeans_init = required(config, "kmeans_init")
+        self.diversity_reg = required(config, "diversity_reg")
         if self.diversity_reg not in ("reference", "mean"):
             raise ValueError(f"MISSRec: diversity_reg must be reference or mean, got {self.diversity_reg!r}")
         _refuse_unimplemented(config)
-        self.item_fusion = config["item_mm_fusion"] or "dynamic_shared"
+        self.item_fusion = required(config, "item_mm_fusion")
         if self.item_fusion not in ("dynamic_shared", "static"):
             raise ValueError(f"MISSRec: item_mm_fusion must be dynamic_shared or static, got {self.item_fusion!r}")
         self.fix_enc = bool(config["fix_enc"])
-        self.seed = int(config["seed"] or 0)
+        self.seed = int(required(config, "seed"))
         self.initializer_range = config["initializer_range"]
 
         self.register_features(dataset, list(self.modalities))
@@ -172,16 +175,6 @@ class MISSRec(MMSequentialRecommender):
     def frozen_on_transfer(self) -> list[str]:
         """Frozen with ``-p`` and ``fix_enc``: position embedding + encoder-decoder (the reference)."""
         return [n for n, _ in self.named_parameters() if n.startswith(("position_embedding.", "trm_model."))]
-
-    def load_pretrained(self, state_dict: dict) -> None:
-        # interests belong to the pre-training catalogue: the downstream ones are recomputed
-        state_dict = {k: v for k, v in state_dict.items() if not k.endswith(("_interest", "interest_embeddings", "interests_ready"))}
-        super().load_pretrained(state_dict)
-        if self.fix_enc and self.train_stage != "pretrain":
-            frozen = set(self.frozen_on_transfer())
-            for name, p in self.named_parameters():
-                if name in frozen:
-                    p.requires_grad_(False)
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
         # the interest table's size (k + 1) is data dependent: resize before loading

@@ -119,7 +119,7 @@ from torch import nn
 
 from recbole_mm.distributed import gather_in_batch, global_mean_weights
 from recbole_mm.encoders import BICUBIC, CLIP_MEAN, CLIP_STD, decode_image, local_model_type, preprocess_image, quiet_transformers
-from recbole_mm.model.abstract import MMSequentialRecommender, load_pretrained_state
+from recbole_mm.model.abstract import MMSequentialRecommender, load_pretrained_state, required
 from recbole_mm.model.layers import MoEAdaptor, Packing, PWLayer, info_nce, packed_encoder, same_target_mask
 
 STAGES = ("pretrain", "inductive_ft", "transductive_ft")
@@ -461,6 +461,7 @@ def _one_of(allowed: torch.Tensor) -> torch.Tensor:
 
 
 class PMMRec(MMSequentialRecommender):
+    STAGES = STAGES
     MODALITY_PREFIXES = {"image": ("item_encoder.image.",)}  # a text-only checkpoint: image tower fresh
 
     def __init__(self, config, dataset):
@@ -468,29 +469,29 @@ class PMMRec(MMSequentialRecommender):
         self.train_stage = config["train_stage"]
         if self.train_stage not in STAGES:
             raise ValueError(f"PMMRec: train_stage must be one of {STAGES}, got {self.train_stage!r}")
-        self.encoder_mode = config["item_encoder_mode"] or "features"
+        self.encoder_mode = required(config, "item_encoder_mode")
         if self.encoder_mode not in ENCODER_MODES:
             raise ValueError(f"PMMRec: item_encoder_mode must be one of {ENCODER_MODES}, got {self.encoder_mode!r}")
-        self.fusion_type = config["fusion"] or "attention"
+        self.fusion_type = required(config, "fusion")
         if self.fusion_type not in FUSIONS:
             raise ValueError(f"PMMRec: fusion must be one of {FUSIONS}, got {self.fusion_type!r}")
-        self.transfer_mode = config["transfer_mode"] or "full"
+        self.transfer_mode = required(config, "transfer_mode")
         if self.transfer_mode not in TRANSFER_MODES:
             raise ValueError(f"PMMRec: transfer_mode must be one of {TRANSFER_MODES}, got {self.transfer_mode!r}")
-        self.loss_positions = config["loss_positions"] or "all"
+        self.loss_positions = required(config, "loss_positions")
         if self.loss_positions not in LOSS_POSITIONS:
             raise ValueError(f"PMMRec: loss_positions must be one of {LOSS_POSITIONS}, got {self.loss_positions!r}")
-        self.train_rows = config["train_rows"] or "all"  # the data layer applies it (data.longest_row_per_user)
+        self.train_rows = required(config, "train_rows")  # the data layer applies it (data.longest_row_per_user)
         self.hidden_size = H = int(config["hidden_size"])
         self.pop_correction = bool(config["pop_correction"])
-        self.nicl_weight = float(config["nicl_weight"] or 0.0)
-        self.nid_weight = float(config["nid_weight"] or 0.0)
-        self.rcl_weight = float(config["rcl_weight"] or 0.0)
-        self.nicl_temperature = float(config["nicl_temperature"] or 0.1)
-        self.rcl_temperature = float(config["rcl_temperature"] or 0.1)
-        self.noise_ratio = float(config["noise_ratio"] if config["noise_ratio"] is not None else 0.2)
-        self.noise_replace_prob = float(config["noise_replace_prob"] if config["noise_replace_prob"] is not None else 0.5)
-        self.item_encode_batch_size = int(config["item_encode_batch_size"] or 256)
+        self.nicl_weight = float(required(config, "nicl_weight"))
+        self.nid_weight = float(required(config, "nid_weight"))
+        self.rcl_weight = float(required(config, "rcl_weight"))
+        self.nicl_temperature = float(required(config, "nicl_temperature"))
+        self.rcl_temperature = float(required(config, "rcl_temperature"))
+        self.noise_ratio = float(required(config, "noise_ratio"))
+        self.noise_replace_prob = float(required(config, "noise_replace_prob"))
+        self.item_encode_batch_size = int(required(config, "item_encode_batch_size"))
         self.USER_ID = config["USER_ID_FIELD"]
         std = float(config["initializer_range"])
         eps = float(config["layer_norm_eps"])
@@ -503,8 +504,8 @@ class PMMRec(MMSequentialRecommender):
         else:
             text, image = self._end_to_end_towers(config, dataset)
         if self.fusion_type == "attention":
-            fusion = AttentionFusion(H, int(config["fusion_layers"] or 1), int(config["fusion_heads"] or 4),
-                                     int(config["fusion_inner_size"] or 4 * H), dropout, eps)
+            fusion = AttentionFusion(H, int(required(config, "fusion_layers")), int(required(config, "fusion_heads")),
+                                     int(required(config, "fusion_inner_size")), dropout, eps)
         else:
             fusion = {"sum": SumFusion, "concat": ConcatFusion, "gated": GatedFusion}[self.fusion_type](H)
         _sasrec_init(fusion, std)
@@ -559,7 +560,7 @@ class PMMRec(MMSequentialRecommender):
         path = config["text_encoder_path"]
         with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        max_len = min(int(config["text_max_length"] or 50), text.max_positions)
+        max_len = min(int(required(config, "text_max_length")), text.max_positions)
         enc = tokenizer(list(dataset.item_text), padding="longest", truncation=True, max_length=max_len,
                         return_tensors="pt")
         self.register_buffer("text_ids", enc["input_ids"], persistent=False)
@@ -581,8 +582,8 @@ class PMMRec(MMSequentialRecommender):
     def _feature_tower(self, config, modality: str) -> "FeatureTower":
         """The trainable adapter over a modality's registered frozen features."""
         return FeatureTower(getattr(self, f"{modality}_features").shape[1], self.hidden_size,
-                            config["feature_adapter"] or "moe", int(config["n_exps"] or 8),
-                            float(config["adaptor_dropout_prob"] or 0.0), self._feature_mean(modality))
+                            required(config, "feature_adapter"), int(required(config, "n_exps")),
+                            float(required(config, "adaptor_dropout_prob")), self._feature_mean(modality))
 
     def _feature_mean(self, modality: str) -> torch.Tensor:
         feats, present = getattr(self, f"{modality}_features"), getattr(self, f"{modality}_presence")
@@ -869,7 +870,7 @@ class PMMRec(MMSequentialRecommender):
         return {"full": ("item_encoder.", "user_encoder."), "item_encoder": ("item_encoder.",),
                 "user_encoder": ("user_encoder.",)}[self.transfer_mode]
 
-    def load_pretrained(self, state_dict: dict) -> None:
+    def load_transferable(self, state_dict: dict) -> None:
         """Load exactly the ``transfer_mode`` component(s) from a checkpoint's state dict; every
         other weight keeps its fresh initialisation.  A weight of the component that the
         checkpoint lacks or holds with another shape (another fusion, feature size, encoder

@@ -68,12 +68,11 @@ from torch import nn
 
 from recbole_mm.distributed import gather_in_batch
 from recbole_mm.encoders import default_encoder, local_model_type, quiet_transformers
-from recbole_mm.model.abstract import MMSequentialRecommender
+from recbole_mm.model.abstract import MMSequentialRecommender, required
 from recbole_mm.model.layers import Packing, info_nce, packed_attention, same_target_mask
 
 CLS_TYPE, KEY_TYPE, VALUE_TYPE, PAD_TYPE, IMAGE_TYPE = 0, 1, 2, 3, 4
 STAGES = ("pretrain", "inductive_ft")
-DEFAULT_ATTRIBUTES = ("title", "brand", "category")
 
 # MLM head weights in a backbone folder, when it has them (BERT / RoBERTa naming)
 _MLM_HEAD_NAMES = {
@@ -323,42 +322,42 @@ class MLMHead(nn.Module):
 
 
 class Recformer(MMSequentialRecommender):
+    STAGES = STAGES  # ID-free: no transductive mode
+    IS_LANGUAGE_MODEL = True
     MLM_IN_FINETUNE = False  # Reo-LM: + mlm_weight x MLM in fine-tuning (stage 1) too
-    WHOLE_ITEMS = False  # default of whole_items (Reo-LM: True)
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         name = type(self).__name__
-        self.train_stage = config["train_stage"] or "inductive_ft"
+        self.train_stage = required(config, "train_stage")
         if self.train_stage not in STAGES:
             raise ValueError(f"{name}: train_stage must be one of {STAGES} ({name} is ID-free: no transductive mode), "
                              f"got {self.train_stage!r}")
-        self.temperature = float(_get(config, "temperature", 0.05))
-        self.mlm_weight = float(_get(config, "mlm_weight", 0.1))
-        self.mlm_probability = float(_get(config, "mlm_probability", 0.15))
-        self.max_items = int(_get(config, "max_items", 50))
-        self.max_tokens = int(_get(config, "max_tokens", 1024))
+        self.temperature = float(required(config, "temperature"))
+        self.mlm_weight = float(required(config, "mlm_weight"))
+        self.mlm_probability = float(required(config, "mlm_probability"))
+        self.max_items = int(required(config, "max_items"))
+        self.max_tokens = int(required(config, "max_tokens"))
         # released: Recformer cuts the token list at max_token_num; ROMA keeps whole items only
-        self.whole_items = bool(_get(config, "whole_items", self.WHOLE_ITEMS))
-        self.max_attr_num = int(_get(config, "max_attr_num", 3))
-        self.max_attr_length = int(_get(config, "max_attr_length", 32))
-        self.attribute_keys = list(_get(config, "item_attributes", DEFAULT_ATTRIBUTES))
-        stage1 = _get(config, "stage1_epochs", -1)
+        self.whole_items = bool(required(config, "whole_items"))
+        self.max_attr_num = int(required(config, "max_attr_num"))
+        self.max_attr_length = int(required(config, "max_attr_length"))
+        self.attribute_keys = list(required(config, "item_attributes"))
+        stage1 = required(config, "stage1_epochs")
         self.stage1_epochs = -1 if stage1 is None else int(stage1)
-        self.item_encode_batch_size = int(_get(config, "item_encode_batch_size", 256))
-        self.token_pad_multiple = int(_get(config, "token_pad_multiple", 64))
+        self.item_encode_batch_size = int(required(config, "item_encode_batch_size"))
+        self.token_pad_multiple = int(required(config, "token_pad_multiple"))
         self.show_progress = bool(config["show_progress"])
-        precision = str(_get(config, "plm_precision", "auto")).lower()
+        precision = str(required(config, "plm_precision")).lower()
         if precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"{name}: plm_precision must be auto, fp32 or bf16, got {precision!r}")
         if precision == "auto":
             precision = "bf16" if native_bf16(config["device"]) else "fp32"
         self.bf16 = precision == "bf16"
-        self.fix_enc = bool(_get(config, "fix_enc", False))
         if self.max_items < 1 or self.max_tokens < 2:
             raise ValueError(f"{name}: max_items must be >= 1 and max_tokens >= 2")
 
-        self.backbone_path = str(_get(config, "backbone_path", None) or default_backbone())
+        self.backbone_path = str(required(config, "backbone_path") or default_backbone())
         plm, tokenizer, extra = load_backbone(self.backbone_path)
         pcfg = plm.config
         self.hidden_size = int(pcfg.hidden_size)
@@ -422,7 +421,7 @@ class Recformer(MMSequentialRecommender):
         # -- and a table_ready flag -- that do not fit this one: re-encoded then)
         self.register_buffer("table_key", torch.tensor(catalogue_key(sentences), dtype=torch.long))
         self.last_table_seconds = None
-        if bool(_get(config, "fix_word_embedding", False)):
+        if bool(required(config, "fix_word_embedding")):
             self.word_embeddings.weight.requires_grad_(False)
 
     # -- hooks for Reo-LM ---------------------------------------------------------------
@@ -756,12 +755,9 @@ class Recformer(MMSequentialRecommender):
             getLogger().info(f"{type(self).__name__}: MLM head from the backbone folder (fresh: {missing})")
 
     # -- transfer -----------------------------------------------------------------------
-    def load_pretrained(self, state_dict: dict) -> None:
-        super().load_pretrained(state_dict)
-        frozen = set(self.frozen_on_transfer())
-        for name, p in self.named_parameters():
-            if name in frozen:
-                p.requires_grad_(False)
+    def fixes_on_transfer(self) -> bool:
+        """Always: ``frozen_on_transfer`` says what (Recformer: nothing; Reo-LM: under its ``fix_enc``)."""
+        return True
 
     def frozen_on_transfer(self) -> list[str]:
         """Parameters frozen when fine-tuning from a checkpoint (Recformer: none, the whole model trains)."""
@@ -776,14 +772,6 @@ def catalogue_key(sentences: Sentences) -> int:
     crc = zlib.crc32(sentences.lengths.numpy().tobytes())
     crc = zlib.crc32(sentences.ids.numpy().tobytes(), crc)
     return int(zlib.crc32(sentences.types.numpy().tobytes(), crc))
-
-
-def _get(config, key, default):
-    try:
-        value = config[key]
-    except KeyError:
-        return default
-    return default if value is None else value
 
 
 __all__ = ["Recformer", "Sentences", "Tokens", "build_sentences", "item_attribute_dicts", "load_backbone", "split_text"]

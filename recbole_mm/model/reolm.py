@@ -46,7 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recbole_mm.model.recformer import IMAGE_TYPE, Recformer, Tokens, _get
+from recbole_mm.model.abstract import required
+from recbole_mm.model.recformer import IMAGE_TYPE, Recformer, Tokens
 
 TRANSFER_TRAINABLE = ("adapters.", "img_proj.", "void_img_emb")
 IMAGE_PLACES = ("last", "first")
@@ -104,10 +105,10 @@ class AdapterMixture(nn.Module):
 class ReoLM(Recformer):
     MODALITY_PREFIXES = {"image": ("img_proj.",)}  # a text-only checkpoint: image projection fresh
     MLM_IN_FINETUNE = True
-    WHOLE_ITEMS = True  # released RecRobertaTokenizer.encode: an item that does not fit ends the sequence
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
+        self.fix_enc = bool(required(config, "fix_enc"))  # frozen_on_transfer (Recformer freezes nothing)
         if config["img_suffix"]:
             self.register_features(dataset, ["image"])
         else:  # a corpus without images (e.g. text-only pre-training domains): every item has the placeholder
@@ -126,17 +127,17 @@ class ReoLM(Recformer):
         if n_layers < 2:
             raise ValueError("ReoLM needs a backbone with at least 2 layers (bottom and top halves)")
         self.n_bottom = n_layers // 2
-        self.num_negatives = int(_get(config, "num_negatives", 1000))
+        self.num_negatives = int(required(config, "num_negatives"))
         # released pre-training never passes use_img: the image token is a learned word there
-        self.pretrain_images = bool(_get(config, "pretrain_images", False))
-        bottom_gate = str(_get(config, "bottom_gate", "topk_mean"))
+        self.pretrain_images = bool(required(config, "pretrain_images"))
+        bottom_gate = str(required(config, "bottom_gate"))
         if bottom_gate not in BOTTOM_GATES:
             raise ValueError(f"ReoLM: bottom_gate must be one of {BOTTOM_GATES}, got {bottom_gate!r}")
-        size = int(_get(config, "adapter_rank", 128))
-        scaling = float(_get(config, "adapter_scaling", 2.0))
-        top_k = int(_get(config, "adapter_top_k", 8))
-        n_bottom_adapters = int(_get(config, "num_adapters", 8))
-        n_domain = int(_get(config, "num_domain_adapters", 8))
+        size = int(required(config, "adapter_rank"))
+        scaling = float(required(config, "adapter_scaling"))
+        top_k = int(required(config, "adapter_top_k"))
+        n_bottom_adapters = int(required(config, "num_adapters"))
+        n_domain = int(required(config, "num_domain_adapters"))
         domains = getattr(dataset, "item_domain", None)
         if domains is None:
             domains = torch.zeros(self.n_items, dtype=torch.long)
@@ -154,7 +155,7 @@ class ReoLM(Recformer):
         )
 
     def image_token(self, config) -> str:
-        where = str(_get(config, "image_token", "last"))
+        where = str(required(config, "image_token"))
         if where not in IMAGE_PLACES:
             raise ValueError(f"ReoLM: image_token must be one of {IMAGE_PLACES}, got {where!r}")
         return where

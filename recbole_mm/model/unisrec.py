@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recbole_mm.distributed import gather_in_batch
-from recbole_mm.model.abstract import MMSequentialRecommender
+from recbole_mm.model.abstract import MMSequentialRecommender, required
 from recbole_mm.model.layers import (MoEAdaptor, Packing, config_transformer_encoder, info_nce, packed_encoder,
                                      same_target_mask)
 
@@ -41,6 +41,7 @@ STAGES = ("pretrain", "inductive_ft", "transductive_ft")
 
 
 class UniSRec(MMSequentialRecommender):
+    STAGES = STAGES
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         self.train_stage = config["train_stage"]
@@ -51,8 +52,8 @@ class UniSRec(MMSequentialRecommender):
         self.lam = float(config["lambda"])
         self.item_drop_ratio = float(config["item_drop_ratio"])
         self.item_drop_coefficient = float(config["item_drop_coefficient"])
-        self.feature_drop_ratio = float(config["feature_drop_ratio"] or 0.0)
-        self.contrastive_mask = config["contrastive_mask"] or "inf"
+        self.feature_drop_ratio = float(required(config, "feature_drop_ratio"))
+        self.contrastive_mask = required(config, "contrastive_mask")
         self.fix_enc = bool(config["fix_enc"])
         self.adaptor_per_token = bool(config["adaptor_per_token"])
         self.initializer_range = config["initializer_range"]
@@ -81,14 +82,6 @@ class UniSRec(MMSequentialRecommender):
     def frozen_on_transfer(self) -> list[str]:
         """Parameters frozen when fine-tuning from a checkpoint with ``fix_enc`` (the reference's list)."""
         return [n for n, _ in self.named_parameters() if n.startswith(("position_embedding.", "trm_encoder."))]
-
-    def load_pretrained(self, state_dict: dict) -> None:
-        super().load_pretrained(state_dict)
-        if self.fix_enc and self.train_stage != "pretrain":
-            frozen = set(self.frozen_on_transfer())
-            for name, p in self.named_parameters():
-                if name in frozen:
-                    p.requires_grad_(False)
 
     # -- representations -----------------------------------------------------------------
     def compute_item_table(self) -> torch.Tensor:

@@ -51,7 +51,7 @@ from torch import nn
 
 from recbole_mm.data.codes import QUANTISER_KEYS, dataset_codes, encode
 from recbole_mm.distributed import gather_in_batch
-from recbole_mm.model.abstract import MMSequentialRecommender
+from recbole_mm.model.abstract import MMSequentialRecommender, required
 from recbole_mm.model.layers import Packing, config_transformer_encoder, packed_encoder, same_target_mask
 
 STAGES = ("pretrain", "inductive_ft", "transductive_ft")
@@ -93,6 +93,7 @@ def row_argmax(soft: torch.Tensor) -> torch.Tensor:
 
 
 class VQRec(MMSequentialRecommender):
+    STAGES = STAGES
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         self.train_stage = config["train_stage"]
@@ -103,12 +104,12 @@ class VQRec(MMSequentialRecommender):
         self.temperature = float(config["temperature"])
         self.fake_idx_ratio = float(config["fake_idx_ratio"])
         self.sinkhorn_iter = int(config["sinkhorn_iter"])
-        self.reassign_steps = int(config["reassign_steps"] or 0)
-        self.permutation = config["permutation"] or "straight_through"
+        self.reassign_steps = int(required(config, "reassign_steps"))
+        self.permutation = required(config, "permutation")
         if self.permutation not in ("straight_through", "reference"):
             raise ValueError(f"VQRec: permutation must be 'straight_through' or 'reference', got {self.permutation!r}")
         self.scratch_reassign = bool(config["scratch_reassign"])
-        self.contrastive_mask = config["contrastive_mask"] or "inf"
+        self.contrastive_mask = required(config, "contrastive_mask")
         self.fix_enc = bool(config["fix_enc"])
         self.initializer_range = config["initializer_range"]
 
@@ -133,7 +134,7 @@ class VQRec(MMSequentialRecommender):
     def _init_quantiser(self, config, dataset):
         dim = self.text_features.shape[1]
         if hasattr(dataset, "inter_feat") and hasattr(dataset, "domains"):  # training: fit or load the cached codes
-            fallback = os.path.join(config["checkpoint_dir"] or "saved", "codes")
+            fallback = os.path.join(required(config, "checkpoint_dir"), "codes")
             fitted = dataset_codes(dataset, self.code_dim, self.code_cap, config["plm_suffix"], fallback)
             quantiser = fitted["quantiser"]
             self.codes_path = fitted["path"]
@@ -185,13 +186,15 @@ class VQRec(MMSequentialRecommender):
         return F.embedding_bag(codes, weight, mode="mean").view(*items.shape, -1)
 
     # -- re-assignment (fine-tuning from a checkpoint) --------------------------------------
-    def load_pretrained(self, state_dict: dict) -> None:
+    def load_transferable(self, state_dict: dict) -> None:
         """The pre-trained weights but not the quantiser: the downstream data has its own codes."""
         keep = {k: v for k, v in state_dict.items() if not k.startswith("quantiser_") and k != "trans_matrix"}
-        super().load_pretrained(keep)
+        super().load_transferable(keep)
         self.pretrained = True
-        if not self._uses_reassignment() and self.fix_enc and self.train_stage != "pretrain":
-            self._freeze(self.frozen_on_transfer())
+
+    def fixes_on_transfer(self) -> bool:
+        """With a re-assignment, the freezing waits for its end (``on_epoch_start``)."""
+        return super().fixes_on_transfer() and not self._uses_reassignment()
 
     def frozen_on_transfer(self) -> list[str]:
         return [n for n, _ in self.named_parameters() if n.startswith(("position_embedding.", "trm_encoder."))]
@@ -213,13 +216,7 @@ class VQRec(MMSequentialRecommender):
             for name, p in self.named_parameters():
                 p.requires_grad_(name != "trans_matrix")
             if self.fix_enc or self.scratch_reassign:
-                self._freeze(self.frozen_on_transfer())
-
-    def _freeze(self, names):
-        names = set(names)
-        for name, p in self.named_parameters():
-            if name in names:
-                p.requires_grad_(False)
+                self.freeze(self.frozen_on_transfer())
 
     @torch.no_grad()
     def apply_permutation(self) -> None:

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from recbole_mm import distributed
 from recbole_mm.config import config_to_plain, to_plain
+from recbole_mm.model.abstract import epoch_hook
 from recbole_mm.trainer.checkpoint import (
     CheckpointError,
     capture_rng,
@@ -191,10 +192,11 @@ class MMTrainer(Trainer):
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(epoch)
             hook_s = None
-            if hasattr(self.model, "on_epoch_start"):  # e.g. MISSRec's interest clustering
+            hook = epoch_hook(self.model)  # the model's on_epoch_start, e.g. MISSRec's interest clustering
+            if hook is not None:
                 th = perf_counter()
                 if distributed.is_main():  # once, on rank 0; what it computed goes to every rank
-                    self.model.on_epoch_start(epoch, train_data)
+                    hook(epoch, train_data)
                 distributed.broadcast_buffers(self.model)
                 hook_s = perf_counter() - th
             t0 = perf_counter()
