@@ -1,9 +1,7 @@
-"""MISSRec: k-means, interest sets, exactness of the packed encoder-decoder, stages, PEFT,
+"""MISSRec (k-means itself: test_layers.py): interest sets, exactness of the packed encoder-decoder, stages, PEFT,
 modal types, checkpoints, real-data learning."""
 
 from __future__ import annotations
-
-import collections
 
 import pytest
 import torch
@@ -12,7 +10,6 @@ from conftest import quick
 from fixtures import assert_reload_identical, popularity_ndcg10
 
 from recbole_mm.data import create_dataset, data_preparation
-from recbole_mm.model.layers import minibatch_kmeans
 from recbole_mm.quick_start import build_config, run
 from recbole_mm.trainer import load_checkpoint
 
@@ -23,38 +20,6 @@ def _model(root, mode="transductive", **extra):
     cfg = build_config("MISSRec", "Tiny", mode=mode, config_dict=quick(root, **extra))
     ds = create_dataset(cfg)
     return MISSRec(cfg, ds), cfg, ds
-
-
-def _planted(seed, n_clusters=20, per=100, dim=16):
-    g = torch.Generator().manual_seed(seed)
-    centers = torch.randn(n_clusters, dim, generator=g) * 10
-    x = torch.cat([centers[i] + torch.randn(per, dim, generator=g) for i in range(n_clusters)])
-    return x, torch.arange(n_clusters).repeat_interleave(per)
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_kmeans_recovers_planted_clusters(seed):
-    x, truth = _planted(seed)
-    _, assign = minibatch_kmeans(x, 20, generator=torch.Generator().manual_seed(seed))
-    for c in range(20):  # each planted cluster is one k-means cluster, and vice versa
-        assert len(set(assign[truth == c].tolist())) == 1
-    assert len(set(assign.tolist())) == 20
-    # also through several mini-batches per pass (batch smaller than the data)
-    _, assign = minibatch_kmeans(x, 20, batch_size=512, n_iter=10, generator=torch.Generator().manual_seed(seed))
-    purity = sum(collections.Counter(assign[truth == c].tolist()).most_common(1)[0][1] for c in range(20)) / len(x)
-    assert purity > 0.95
-
-
-def test_kmeans_is_deterministic_under_a_seed():
-    x = torch.randn(3000, 32)
-    for init in ("k-means++", "random"):
-        a = minibatch_kmeans(x, 300, generator=torch.Generator().manual_seed(7), init=init)
-        b = minibatch_kmeans(x, 300, generator=torch.Generator().manual_seed(7), init=init)
-        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    c = minibatch_kmeans(x, 300, generator=torch.Generator().manual_seed(8))
-    assert not torch.equal(a[1], c[1])
-    centroids, assign = minibatch_kmeans(x[:5], 10, generator=torch.Generator().manual_seed(0))
-    assert centroids.shape[0] == 5 and sorted(assign.tolist()) == list(range(5))  # k capped at N
 
 
 def test_interest_discovery_skips_missing_modalities_and_is_seeded(tiny_root):
