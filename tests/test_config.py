@@ -78,3 +78,19 @@ def test_help_explains_every_flag():
     for parser in sub.values():
         for action in parser._actions:
             assert action.help, action.option_strings
+
+
+def test_props_ship_in_the_package_and_a_missing_folder_is_an_error(tmp_path, monkeypatch):
+    import os
+    from pathlib import Path
+
+    import recbole_mm
+    from recbole_mm.config import PACKAGE_PROPS, props_dir
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert props_dir() == PACKAGE_PROPS == Path(recbole_mm.__file__).resolve().parent / "props"
+    assert os.path.realpath(os.path.join(root, "props")) == str(PACKAGE_PROPS)  # props/ links to it: one copy
+    assert os.path.islink(os.path.join(root, "props"))
+    monkeypatch.setenv("RECBOLE_MM_PROPS", str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="RECBOLE_MM_PROPS"):
+        layered_prop_files("UniSRec", "Tiny", "finetune")
