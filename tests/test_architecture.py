@@ -97,7 +97,7 @@ def test_layer_rules():
 
 # -- the model contract ------------------------------------------------------------------------------
 def _required_keys(cls) -> set[str]:
-    """Keys the model's module (and its bases') read with ``required(config, "key")``."""
+    """Keys the model's module (and its bases') read with ``required(config, "key")`` / ``one_of``."""
     keys = set()
     for klass in cls.__mro__:
         module = klass.__module__
@@ -107,8 +107,8 @@ def _required_keys(cls) -> set[str]:
         with open(path, encoding="utf-8") as f:
             tree = ast.parse(f.read(), path)
         for node in ast.walk(tree):
-            if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "required" and len(node.args) >= 2
-                    and isinstance(node.args[1], ast.Constant)):
+            if (isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("required", "one_of")
+                    and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant)):
                 keys.add(node.args[1].value)
     return keys
 
@@ -146,9 +146,12 @@ def test_every_model_declares_a_contract_consistent_with_its_props(name):
 
 def test_a_key_missing_from_every_layer_is_a_clear_error():
     from recbole_mm.errors import MissingConfigKey
-    from recbole_mm.model.abstract import required
+    from recbole_mm.model.abstract import one_of, required
 
     assert required({"a": None}, "a", "UniSRec") is None  # ~ in a YAML file is a value
+    assert one_of({"fusion": "sum"}, "fusion", ("sum", "gated"), "PMMRec") == "sum"
+    with pytest.raises(ValueError, match=r"PMMRec: fusion must be one of \('sum',\), got 'x'"):
+        one_of({"fusion": "x"}, "fusion", ("sum",), "PMMRec")
     with pytest.raises(MissingConfigKey, match=r"'n_exps'.*props/UniSRec\.yaml"):
         required({"model": "UniSRec"}, "n_exps")
     with pytest.raises(KeyError):  # MissingConfigKey is a KeyError

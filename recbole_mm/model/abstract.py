@@ -41,6 +41,17 @@ def required(config, key: str, model: str | type | None = None):
     return config[key]
 
 
+def one_of(config, key: str, choices, model, note: str = ""):
+    """:func:`required`, and one of ``choices`` (else one ``ValueError`` naming the model, the key and
+    the choices; ``note`` adds a reason); ``model``: the model (instance, class or name)."""
+    name = model if isinstance(model, str) else (model if isinstance(model, type) else type(model)).__name__
+    value = required(config, key, name)
+    if value not in choices:
+        shown = sorted(choices) if isinstance(choices, dict) else choices
+        raise ValueError(f"{name}: {key} must be one of {shown}{note}, got {value!r}")
+    return value
+
+
 def _config_model(config):
     try:
         return config["model"]

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recbole_mm.distributed import gather_in_batch
-from recbole_mm.model.abstract import MMSequentialRecommender, required
+from recbole_mm.model.abstract import MMSequentialRecommender, one_of, required
 from recbole_mm.model.layers import Packing, info_nce, minibatch_kmeans, packed_attention, same_target_mask
 
 STAGES = ("pretrain", "inductive_ft", "transductive_ft")
@@ -94,12 +94,8 @@ class MISSRec(MMSequentialRecommender):
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
-        self.train_stage = config["train_stage"]
-        if self.train_stage not in STAGES:
-            raise ValueError(f"MISSRec: train_stage must be one of {STAGES}, got {self.train_stage!r}")
-        modal_type = required(config, "modal_type")
-        if modal_type not in MODAL_TYPES:
-            raise ValueError(f"MISSRec: modal_type must be one of {sorted(MODAL_TYPES)}, got {modal_type!r}")
+        self.train_stage = one_of(config, "train_stage", self.STAGES, self)
+        modal_type = one_of(config, "modal_type", MODAL_TYPES, self)
         self.modalities = MODAL_TYPES[modal_type]
         self.n_layers = int(config["n_layers"])
         if self.n_layers < 2 or self.n_layers % 2:

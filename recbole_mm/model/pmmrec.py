@@ -116,7 +116,7 @@ from torch import nn
 
 from recbole_mm.distributed import gather_in_batch, global_mean_weights
 from recbole_mm.encoders import quiet_transformers
-from recbole_mm.model.abstract import MMSequentialRecommender, load_pretrained_state, required
+from recbole_mm.model.abstract import MMSequentialRecommender, load_pretrained_state, one_of, required
 from recbole_mm.model.layers import Packing, info_nce, same_target_mask
 # the towers, fusions and encoders (re-exported: tests and callers import them from here)
 from recbole_mm.model.pmmrec_blocks import (  # noqa: F401
@@ -191,21 +191,11 @@ class PMMRec(MMSequentialRecommender):
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
-        self.train_stage = config["train_stage"]
-        if self.train_stage not in STAGES:
-            raise ValueError(f"PMMRec: train_stage must be one of {STAGES}, got {self.train_stage!r}")
-        self.encoder_mode = required(config, "item_encoder_mode")
-        if self.encoder_mode not in ENCODER_MODES:
-            raise ValueError(f"PMMRec: item_encoder_mode must be one of {ENCODER_MODES}, got {self.encoder_mode!r}")
-        self.fusion_type = required(config, "fusion")
-        if self.fusion_type not in FUSIONS:
-            raise ValueError(f"PMMRec: fusion must be one of {FUSIONS}, got {self.fusion_type!r}")
-        self.transfer_mode = required(config, "transfer_mode")
-        if self.transfer_mode not in TRANSFER_MODES:
-            raise ValueError(f"PMMRec: transfer_mode must be one of {TRANSFER_MODES}, got {self.transfer_mode!r}")
-        self.loss_positions = required(config, "loss_positions")
-        if self.loss_positions not in LOSS_POSITIONS:
-            raise ValueError(f"PMMRec: loss_positions must be one of {LOSS_POSITIONS}, got {self.loss_positions!r}")
+        self.train_stage = one_of(config, "train_stage", self.STAGES, self)
+        self.encoder_mode = one_of(config, "item_encoder_mode", ENCODER_MODES, self)
+        self.fusion_type = one_of(config, "fusion", FUSIONS, self)
+        self.transfer_mode = one_of(config, "transfer_mode", TRANSFER_MODES, self)
+        self.loss_positions = one_of(config, "loss_positions", LOSS_POSITIONS, self)
         self.train_rows = required(config, "train_rows")  # the data layer applies it (data.longest_row_per_user)
         self.hidden_size = H = int(config["hidden_size"])
         self.pop_correction = bool(config["pop_correction"])

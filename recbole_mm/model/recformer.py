@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recbole_mm.distributed import gather_in_batch
-from recbole_mm.model.abstract import MMSequentialRecommender, required
+from recbole_mm.model.abstract import MMSequentialRecommender, one_of, required
 from recbole_mm.model.layers import Packing, info_nce, packed_attention, same_target_mask
 from recbole_mm.model.recformer_inputs import (  # noqa: F401 - re-exported (tests, ReoLM)
     CLS_TYPE, IMAGE_TYPE, KEY_TYPE, VALUE_TYPE, MLMHead, Sentences, Tokens, build_sentences, catalogue_key,
@@ -84,10 +84,7 @@ class Recformer(MMSequentialRecommender):
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         name = type(self).__name__
-        self.train_stage = required(config, "train_stage")
-        if self.train_stage not in STAGES:
-            raise ValueError(f"{name}: train_stage must be one of {STAGES} ({name} is ID-free: no transductive mode), "
-                             f"got {self.train_stage!r}")
+        self.train_stage = one_of(config, "train_stage", self.STAGES, self, f" ({name} is ID-free: no transductive mode)")
         self.temperature = float(required(config, "temperature"))
         self.mlm_weight = float(required(config, "mlm_weight"))
         self.mlm_probability = float(required(config, "mlm_probability"))

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recbole_mm.model.abstract import required
+from recbole_mm.model.abstract import one_of, required
 from recbole_mm.model.recformer import IMAGE_TYPE, Recformer, Tokens
 
 TRANSFER_TRAINABLE = ("adapters.", "img_proj.", "void_img_emb")
@@ -130,9 +130,7 @@ class ReoLM(Recformer):
         self.num_negatives = int(required(config, "num_negatives"))
         # released pre-training never passes use_img: the image token is a learned word there
         self.pretrain_images = bool(required(config, "pretrain_images"))
-        bottom_gate = str(required(config, "bottom_gate"))
-        if bottom_gate not in BOTTOM_GATES:
-            raise ValueError(f"ReoLM: bottom_gate must be one of {BOTTOM_GATES}, got {bottom_gate!r}")
+        bottom_gate = str(one_of(config, "bottom_gate", BOTTOM_GATES, "ReoLM"))
         size = int(required(config, "adapter_rank"))
         scaling = float(required(config, "adapter_scaling"))
         top_k = int(required(config, "adapter_top_k"))
@@ -155,10 +153,7 @@ class ReoLM(Recformer):
         )
 
     def image_token(self, config) -> str:
-        where = str(required(config, "image_token"))
-        if where not in IMAGE_PLACES:
-            raise ValueError(f"ReoLM: image_token must be one of {IMAGE_PLACES}, got {where!r}")
-        return where
+        return str(one_of(config, "image_token", IMAGE_PLACES, "ReoLM"))
 
     def _mlm_layer(self) -> int:
         """Released: ``hidden_states[n/2 - 1]`` (``hidden_states[0]`` = the embeddings), i.e. the

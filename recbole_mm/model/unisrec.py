@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recbole_mm.distributed import gather_in_batch
-from recbole_mm.model.abstract import MMSequentialRecommender, required
+from recbole_mm.model.abstract import MMSequentialRecommender, one_of, required
 from recbole_mm.model.layers import (MoEAdaptor, Packing, config_transformer_encoder, info_nce, packed_encoder,
                                      same_target_mask)
 
@@ -42,11 +42,10 @@ STAGES = ("pretrain", "inductive_ft", "transductive_ft")
 
 class UniSRec(MMSequentialRecommender):
     STAGES = STAGES
+
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
-        self.train_stage = config["train_stage"]
-        if self.train_stage not in STAGES:
-            raise ValueError(f"UniSRec: train_stage must be one of {STAGES}, got {self.train_stage!r}")
+        self.train_stage = one_of(config, "train_stage", self.STAGES, self)
         self.hidden_size = config["hidden_size"]
         self.temperature = float(config["temperature"])
         self.lam = float(config["lambda"])

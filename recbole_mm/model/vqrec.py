@@ -51,7 +51,7 @@ from torch import nn
 
 from recbole_mm.data.codes import QUANTISER_KEYS, dataset_codes, encode
 from recbole_mm.distributed import gather_in_batch
-from recbole_mm.model.abstract import MMSequentialRecommender, required
+from recbole_mm.model.abstract import MMSequentialRecommender, one_of, required
 from recbole_mm.model.layers import Packing, config_transformer_encoder, packed_encoder, same_target_mask
 
 STAGES = ("pretrain", "inductive_ft", "transductive_ft")
@@ -94,11 +94,10 @@ def row_argmax(soft: torch.Tensor) -> torch.Tensor:
 
 class VQRec(MMSequentialRecommender):
     STAGES = STAGES
+
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
-        self.train_stage = config["train_stage"]
-        if self.train_stage not in STAGES:
-            raise ValueError(f"VQRec: train_stage must be one of {STAGES}, got {self.train_stage!r}")
+        self.train_stage = one_of(config, "train_stage", self.STAGES, self)
         self.code_dim, self.code_cap = int(config["code_dim"]), int(config["code_cap"])
         self.hidden_size = config["hidden_size"]
         self.temperature = float(config["temperature"])
