@@ -29,6 +29,7 @@ import torch
 from recbole.config import Config as RecBoleConfig
 
 from recbole_mm import compat
+from recbole_mm.errors import ConfigError  # noqa: F401 - defined in errors.py, importable from here too
 from recbole_mm.utils import get_model
 
 STAGES = ("finetune", "pretrain")
@@ -56,10 +57,6 @@ _NUMERIC = {
 }
 _MAXIMUM = {"train_fraction": 1.0}
 _OPTIONAL = {"steps_per_epoch", "save_step", "weight_decay"}  # None allowed
-
-
-class ConfigError(ValueError):
-    """A config key or value that cannot be used (one line naming the key; exit code 2 from the CLI)."""
 
 
 def known_keys() -> frozenset:

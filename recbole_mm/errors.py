@@ -10,9 +10,13 @@ class CheckpointError(ValueError):
     that do not fit); one line, reported by the CLI without a traceback (exit code 2)."""
 
 
-class MissingConfigKey(KeyError):
+class ConfigError(ValueError):
+    """A config key or value that cannot be used (one line naming the key; exit code 2 from the CLI)."""
+
+
+class MissingConfigKey(ConfigError, KeyError):
     """A key a model reads that no config layer defines (its default belongs in ``props/<Model>.yaml``
-    or ``props/overall.yaml``: models have no in-code fallbacks)."""
+    or ``props/overall.yaml``: models have no in-code fallbacks); a :class:`ConfigError` for the CLI."""
 
     def __str__(self):  # KeyError quotes its argument; this is a sentence
         return str(self.args[0]) if self.args else ""

@@ -154,8 +154,11 @@ def test_a_key_missing_from_every_layer_is_a_clear_error():
         one_of({"fusion": "x"}, "fusion", ("sum",), "PMMRec")
     with pytest.raises(MissingConfigKey, match=r"'n_exps'.*props/UniSRec\.yaml"):
         required({"model": "UniSRec"}, "n_exps")
-    with pytest.raises(KeyError):  # MissingConfigKey is a KeyError
+    with pytest.raises(KeyError):  # MissingConfigKey is a KeyError, and a ConfigError (one line from the CLI)
         required({}, "n_exps", "UniSRec")
+    from recbole_mm.config import ConfigError
+
+    assert issubclass(MissingConfigKey, ConfigError)
 
 
 def test_contract_helpers_work_for_recbole_models():
