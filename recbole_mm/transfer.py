@@ -35,7 +35,6 @@ the larger of the two standard deviations; zero-shot rows; costs), ``.csv`` (tho
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import os
@@ -45,6 +44,7 @@ from dataclasses import dataclass
 
 from recbole_mm import leaderboard as lb
 from recbole_mm.leaderboard import Cell, LeaderboardError
+from recbole_mm.utils import atomic_write
 
 DEFAULT_METRIC = "ndcg@10"
 SECOND_METRIC = "recall@10"
@@ -536,9 +536,9 @@ def write_transfer_report(target, plan: TransferPlan, out, command, settings) ->
     rows = comparison_rows(target, plan)
     if not write_chart(target, rows, paths["png"]):
         paths["png"] = None
-    lb._atomic_text(paths["csv"], _csv(rows + comparison_rows(target, plan, "curve")))
-    lb._atomic_text(paths["runs_csv"], _runs_csv(target, plan))
-    lb._atomic_text(paths["md"], render_markdown(target, plan, command, settings))
+    atomic_write(paths["csv"], _csv(rows + comparison_rows(target, plan, "curve")))
+    atomic_write(paths["runs_csv"], _runs_csv(target, plan))
+    atomic_write(paths["md"], render_markdown(target, plan, command, settings))
     return paths
 
 
@@ -577,7 +577,7 @@ fine-tuning); --set MODEL:key=value for one model's fine-tuning runs, --pt-set f
 def register(sub) -> None:
     p = sub.add_parser("transfer", help="pre-train once, fine-tune from scratch vs pre-trained over seeds: "
                        "results/transfer-<target>.md", description=DESCRIPTION, epilog=EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+                       allow_abbrev=False)
     p.add_argument("-m", "--models", required=True, metavar="M1,M2,...", help="comma-separated model names")
     p.add_argument("--pretrain", required=True, metavar="A,B,C", help="pre-training domains (folders under --pretrain_path)")
     p.add_argument("--target", required=True, metavar="T1,T2", help="target datasets (folders under --data_path)")
@@ -627,18 +627,14 @@ def main(args) -> int:
     argv = getattr(args, "argv", None)
     skip = ("--report-only", "--resume", "--no-pretrain")
     command = "recbole-mm " + shlex.join([a for a in argv if a not in skip]) if argv else None
-    try:
-        res = transfer(args.models, args.pretrain, args.target, modes=args.mode, fractions=args.fraction,
-                       seeds=args.seeds, lm_seeds=args.lm_seeds, overrides=overrides,
-                       model_overrides=lb.parse_model_overrides(args.model_set),
-                       pt_overrides=lb.parse_model_overrides(args.pt_set), config_files=args.config_files,
-                       pretrain_path=args.pretrain_path, pt_epochs=args.pt_epochs, curve=args.curve,
-                       min_steps=args.min_steps, zero_shot=args.zero_shot, out=args.out, resume=args.resume,
-                       rerun=args.rerun, isolation=args.isolation, timeout=args.timeout,
-                       report_only=args.report_only, command=command, no_pretrain=args.no_pretrain)
-    except LeaderboardError as e:
-        print(f"recbole-mm transfer: error: {e}", file=sys.stderr)
-        return 2
+    res = transfer(args.models, args.pretrain, args.target, modes=args.mode, fractions=args.fraction,
+                   seeds=args.seeds, lm_seeds=args.lm_seeds, overrides=overrides,
+                   model_overrides=lb.parse_model_overrides(args.model_set),
+                   pt_overrides=lb.parse_model_overrides(args.pt_set), config_files=args.config_files,
+                   pretrain_path=args.pretrain_path, pt_epochs=args.pt_epochs, curve=args.curve,
+                   min_steps=args.min_steps, zero_shot=args.zero_shot, out=args.out, resume=args.resume,
+                   rerun=args.rerun, isolation=args.isolation, timeout=args.timeout,
+                   report_only=args.report_only, command=command, no_pretrain=args.no_pretrain)  # LeaderboardError: exit 2
     plan = res["plan"]
     failed = [c for c in plan.pretrain + plan.finetune + plan.zero_shot + plan.baselines if c.status == "failed"]
     return 1 if failed else 0

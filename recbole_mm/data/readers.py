@@ -280,14 +280,15 @@ def read_features(path: str, raw_ids: list[str], dim: int | None) -> np.ndarray:
     return arr.astype(np.float32, copy=False)
 
 
-def read_feature_table(path: str, raw_ids: list[str], dim: int, what: str = "features", chunk_rows: int = 65536):
+def read_feature_table(path: str, raw_ids: list[str], dim: int | None, what: str = "features",
+                       chunk_rows: int = 65536):
     """``.featNCLS`` read straight into a ``torch.float32 [n_items + 1, dim]`` table, row 0 zeros
     (padding), row i + 1 = item index i: the layout of ``dataset.features``.
 
     The same checks as :func:`read_features`, but the file is read once into the table and
     checked for NaN/Inf in blocks of ``chunk_rows``, so a large catalogue needs one copy of its
     features in memory (no numpy array next to the table).  ``what`` names the expected
-    feature size in the error (e.g. ``"plm_size"``).
+    feature size in the error (e.g. ``"plm_size"``); ``dim`` None: inferred from the file's size.
     """
     import sys
 
@@ -298,6 +299,10 @@ def read_feature_table(path: str, raw_ids: list[str], dim: int, what: str = "fea
     if size == 0 or size % 4:
         _fail(path, None, f"size {size} bytes is not a positive multiple of 4 (float32 rows expected)")
     n_floats = size // 4
+    if dim is None:
+        if n_items == 0 or n_floats % n_items:
+            _fail(path, None, f"{n_floats} floats cannot be {n_items} rows (one per item in .item2index)")
+        dim = n_floats // n_items
     hint = _float64_hint(n_floats, n_items, dim)
     if n_floats % n_items == 0 and n_floats // n_items != dim:
         _fail(path, None, f"has {n_items} rows of dim {n_floats // n_items}; expected dim {dim} ({what}){hint}")

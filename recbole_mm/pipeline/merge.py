@@ -21,7 +21,6 @@ exactly as ``run_pretrain.py -d d1,d2`` reads the domains one by one.
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
@@ -190,7 +189,6 @@ def register(sub) -> None:
         "merge",
         help="merge processed domains into one pre-training dataset folder",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--output", required=True, metavar="OUT_DIR/NAME", help="the merged dataset folder to write")
     p.add_argument("domains", nargs="+", metavar="DOMAIN_DIR", help="processed dataset folders OUT_DIR/<name>, in order")

@@ -173,7 +173,6 @@ def register(sub) -> None:
         "prepare",
         help="raw Amazon files (or --download) -> a ready dataset: preprocess + text (+ image) features",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="paper names: " + ", ".join(f"{k}={v[0]}" for k, v in ALIASES.items()),
     )
     p.add_argument("name", metavar="NAME", help="dataset name: a paper's short name (Arts, Scientific, ...) or an Amazon category")

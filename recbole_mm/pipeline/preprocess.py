@@ -38,7 +38,6 @@ Output: ``OUT_DIR/<name>/<name>.{train,valid,test}.inter``, ``.item2index``,
 
 from __future__ import annotations
 
-import argparse
 import ast
 import gzip
 import html
@@ -519,7 +518,6 @@ def register(sub) -> None:
         "preprocess",
         help="raw Amazon reviews (2023 or 2018 format) -> pre-split atomic files",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--format", dest="fmt", choices=sorted(FORMATS), default="amazon2023",
                    help="raw file layout (default: amazon2023)")

@@ -27,7 +27,6 @@ written atomically with :func:`recbole_mm.trainer.checkpoint.save_checkpoint` (l
 
 from __future__ import annotations
 
-import argparse
 import collections
 import io
 import pickle
@@ -229,7 +228,6 @@ def register(sub) -> None:
         "import-checkpoint",
         help="convert a RUCAIBox/UniSRec pre-trained .pth to a recbole_mm checkpoint (nothing in it is executed)",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("reference", metavar="REF.pth", help="the reference's checkpoint (e.g. UniSRec-FHCKM-300.pth)")
     p.add_argument("out", metavar="OUT.pth", help="our checkpoint to write (use it with -p)")
