@@ -59,7 +59,7 @@ class _CommandParser(argparse.ArgumentParser):
 def _registrations():
     """The ``register(subparsers)`` of every module with sub-commands, in ``--help`` order; each
     sets ``func`` (``func(args) -> exit status``), run by :func:`run_subcommand`."""
-    from recbole_mm import transfer
+    from recbole_mm.transfer import cli as transfer
     from recbole_mm.leaderboard import cli as leaderboard
     from recbole_mm.pipeline import images, merge, prepare, preprocess, text
     from recbole_mm.recommend import cli as recommend

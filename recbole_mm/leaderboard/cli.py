@@ -42,13 +42,9 @@ Any other --key=value (or --key value) is a config override given to every run (
 
 
 def register(sub) -> None:
-    p = sub.add_parser(
-        "leaderboard",
-        help="compare models on one dataset over seeds: results/<dataset>.md, .csv and .png",
-        description=DESCRIPTION,
-        epilog=EPILOG,
-        allow_abbrev=False,  # --seed=5 is a config override, not --seeds
-    )
+    p = sub.add_parser("leaderboard", description=DESCRIPTION, epilog=EPILOG,
+                       allow_abbrev=False,  # --seed=5 is a config override, not --seeds
+                       help="compare models on one dataset over seeds: results/<dataset>.md, .csv and .png")
     p.add_argument("-d", "--dataset", required=True, help="dataset folder under data_path")
     p.add_argument("-m", "--models", required=True, metavar="M1,M2,...", help="comma-separated model names")
     p.add_argument("--mode", default=None, metavar="inductive,transductive",

@@ -130,8 +130,20 @@ def split_list(value) -> list[str]:
     return [v.strip() for v in str(value).split(",") if v.strip()]
 
 
-def is_lm(cls) -> bool:
+# -- what the leaderboard asks of a model class (to become the model contract's class attributes) --
+def _is_language_model(cls) -> bool:
+    """A language-model recommender (its own seeds, marked LM): today by name (``LM_MODELS``)."""
     return any(c.__name__ in LM_MODELS for c in cls.__mro__)
+
+
+def _stages(cls) -> tuple[str, ...] | None:
+    """The train stages a model supports: today its module's (or a base's module's) ``STAGES``."""
+    return next((getattr(sys.modules.get(c.__module__), "STAGES", None) for c in cls.__mro__
+                 if getattr(sys.modules.get(c.__module__), "STAGES", None)), None)
+
+
+def is_lm(cls) -> bool:
+    return _is_language_model(cls)
 
 
 def supported_modes(cls) -> tuple[str, ...] | None:
@@ -140,8 +152,7 @@ def supported_modes(cls) -> tuple[str, ...] | None:
 
     if not issubclass(cls, MMSequentialRecommender):
         return None
-    stages = next((getattr(sys.modules.get(c.__module__), "STAGES", None) for c in cls.__mro__
-                   if getattr(sys.modules.get(c.__module__), "STAGES", None)), None)  # the model's module's, or a base's
+    stages = _stages(cls)
     if not stages:
         return MODES
     return tuple(m for m in MODES if f"{m}_ft" in stages)

@@ -6,11 +6,10 @@ import contextlib
 import os
 import shutil
 import sys
-import tempfile
 import uuid
 
 from recbole_mm.data.readers import read_index_file, require_file
-from recbole_mm.utils import pid_alive
+from recbole_mm.utils import atomic_write, pid_alive
 
 
 class PipelineError(RuntimeError):
@@ -44,22 +43,8 @@ def read_items(folder: str) -> list[str]:
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder + ``os.replace``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Deprecated name of :func:`recbole_mm.utils.atomic_write` (kept while text.py / images.py use it)."""
+    atomic_write(path, data)
 
 
 def remove_stale_partials(final: str, say=None) -> list[str]:

@@ -18,6 +18,14 @@ from recbole_mm.recommend.scoring import scorer_for
 # catalogue-sized buffers that a model recomputes from the features of its catalogue (MISSRec's
 # interests): dropped when the model is rebuilt on another catalogue
 RECOMPUTED_ON_SWAP = ("text_interest", "image_interest", "interest_embeddings", "interests_ready")
+
+
+def _catalogue_buffers(model_class) -> tuple[str, ...]:
+    """Buffer names of ``model_class`` that belong to a catalogue (to become the model contract's
+    ``CATALOGUE_BUFFERS``)."""
+    return RECOMPUTED_ON_SWAP
+
+
 DEFAULT_BATCH = 256
 DEFAULT_CHUNK = 100_000
 
@@ -190,9 +198,10 @@ class Recommender:
         if own and mismatch is None:
             model.load_state_dict(state_dict)
         else:  # another catalogue: every weight, but not the catalogue-sized recomputed buffers
-            keep = {k: v for k, v in state_dict.items() if k.split(".")[-1] not in RECOMPUTED_ON_SWAP}
+            recomputed = _catalogue_buffers(model_class)
+            keep = {k: v for k, v in state_dict.items() if k.split(".")[-1] not in recomputed}
             missing, unexpected = model.load_state_dict(keep, strict=False)
-            missing = [k for k in missing if k.split(".")[-1] not in RECOMPUTED_ON_SWAP]
+            missing = [k for k in missing if k.split(".")[-1] not in recomputed]
             if missing or unexpected:
                 raise CatalogueError(
                     f"{model_class.__name__}: checkpoint weights do not fit the model built on {catalogue.source} "

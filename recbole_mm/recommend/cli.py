@@ -37,12 +37,8 @@ examples:
 
 
 def register(sub) -> None:
-    p = sub.add_parser(
-        "recommend",
-        help="top-k items for raw item histories from a checkpoint (zero-shot with --catalogue)",
-        description=DESCRIPTION,
-        epilog=EPILOG,
-    )
+    p = sub.add_parser("recommend", description=DESCRIPTION, epilog=EPILOG,
+                       help="top-k items for raw item histories from a checkpoint (zero-shot with --catalogue)")
     p.add_argument("checkpoint", metavar="CKPT", help="checkpoint written by finetune or pretrain (<run>.pth)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--history", metavar="ID1,ID2,...",
