@@ -61,25 +61,12 @@ class Cell:
     def _file(self, suffix):
         return os.path.join(self.checkpoint_dir, self.run_name + suffix) if self.run_name else None
 
-    @property
-    def result_file(self):
-        return self._file(".json")
-
-    @property
-    def resume_file(self):
-        return self._file(".resume.pth")
-
-    @property
-    def log_file(self):
-        return self._file(".log")
-
-    @property
-    def error_file(self):
-        return self._file(".error.json")
-
-    @property
-    def spec_file(self):
-        return self._file(".cell.json")
+    # the run's files in checkpoint_dir: result, resume state, log, error, the cell's spec
+    result_file = property(lambda self: self._file(".json"))
+    resume_file = property(lambda self: self._file(".resume.pth"))
+    log_file = property(lambda self: self._file(".log"))
+    error_file = property(lambda self: self._file(".error.json"))
+    spec_file = property(lambda self: self._file(".cell.json"))
 
     @property
     def label(self):
