@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import recbole_mm  # noqa: E402
 from recbole_mm.config import config_to_plain  # noqa: E402
 from recbole_mm.quick_start import build_config  # noqa: E402
-from recbole_mm.recommend import Catalogue, _CatalogueDataset, _suffixes  # noqa: E402
+from recbole_mm.data.catalogue import Catalogue, CatalogueDataset as _CatalogueDataset, feature_files as _suffixes  # noqa: E402
 from recbole_mm.trainer.checkpoint import save_checkpoint  # noqa: E402
 from recbole_mm.utils import get_model  # noqa: E402
 

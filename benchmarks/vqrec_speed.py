@@ -64,7 +64,7 @@ def main(argv=None):
     report["command"] = " ".join(["vqrec_speed.py", *(argv if argv is not None else sys.argv[1:])])
     print(json.dumps({k: v for k, v in report.items() if k != "models"}, indent=1))
     if args.out:
-        from recbole_mm.quick_start import write_json
+        from recbole_mm.utils import write_json
 
         write_json(report, args.out)
     return 0

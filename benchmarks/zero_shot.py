@@ -76,7 +76,8 @@ def random_expectation(n_items: int, k: int = 10) -> dict:
 
 def untrained_checkpoint(checkpoint: str, target: str, seed: int, folder: str) -> str:
     """The checkpoint with freshly initialised weights (same config), for the control row."""
-    from recbole_mm.recommend import Catalogue, CheckpointConfig, _CatalogueDataset, _suffixes
+    from recbole_mm.data.catalogue import Catalogue, CatalogueDataset as _CatalogueDataset, feature_files as _suffixes
+    from recbole_mm.recommend import CheckpointConfig
     from recbole_mm.trainer.checkpoint import load_checkpoint, save_checkpoint
     from recbole_mm.utils import get_model
 

@@ -1,5 +1,12 @@
-"""Command line: ``recbole-mm finetune|pretrain|recommend|leaderboard|import-checkpoint ...`` (also ``run_finetune.py`` / ``run_pretrain.py``)
-and the data pipeline's commands (``recbole_mm/pipeline/cli.py``)."""
+"""Command line: ``recbole-mm <command>``, the one dispatcher of every sub-command (also
+``run_finetune.py`` / ``run_pretrain.py``).
+
+``finetune`` and ``pretrain`` are defined here; every other command is registered by its own
+module's ``register(subparsers)`` (the data pipeline's ``preprocess``, ``merge``,
+``extract-text``, ``extract-image``, ``download-images``, ``prepare``; ``recommend``,
+``leaderboard``, ``transfer``, ``import-checkpoint``) and run by :func:`run_subcommand`, which
+turns the package's usage errors into one line and exit status 2.  Library modules never
+import this one."""
 
 from __future__ import annotations
 
@@ -44,13 +51,62 @@ def _common(p: argparse.ArgumentParser, datasets_help: str) -> None:
                         "naming the closest known key)")
 
 
+class _CommandParser(argparse.ArgumentParser):
+    def __init__(self, *args, formatter_class=argparse.RawDescriptionHelpFormatter, **kw):
+        super().__init__(*args, formatter_class=formatter_class, **kw)
+
+
+def _registrations():
+    """The ``register(subparsers)`` of every module with sub-commands, in ``--help`` order; each
+    sets ``func`` (``func(args) -> exit status``), run by :func:`run_subcommand`."""
+    from recbole_mm.transfer import cli as transfer
+    from recbole_mm.leaderboard import cli as leaderboard
+    from recbole_mm.pipeline import images, merge, prepare, preprocess, text
+    from recbole_mm.recommend import cli as recommend
+    from recbole_mm.trainer import import_reference
+
+    return [preprocess.register, merge.register, text.register, images.register, prepare.register,
+            recommend.register, leaderboard.register, transfer.register, import_reference.register]
+
+
+def _usage_errors() -> tuple[type[BaseException], ...]:
+    """The package's errors that mean "this input cannot be used": one line, exit status 2."""
+    from recbole_mm.config import ConfigError
+    from recbole_mm.data.readers import DataValidationError
+    from recbole_mm.leaderboard import LeaderboardError
+    from recbole_mm.pipeline.common import PipelineError
+    from recbole_mm.quick_start import UsageError
+    from recbole_mm.recommend.errors import RecommendError
+    from recbole_mm.trainer.checkpoint import CheckpointError
+
+    return (PipelineError, DataValidationError, FileNotFoundError, LeaderboardError, RecommendError, UsageError,
+            ConfigError, CheckpointError)
+
+
+def run_subcommand(func, args, prog: str | None = None, catch_interrupt: bool = True) -> int:
+    """``func(args)`` as a command: its exit status, or one line ``<prog>: error: <message>`` on
+    stderr and status 2 for the package's usage errors (``catch_interrupt``: 130 on Ctrl-C)."""
+    prog = prog or f"recbole-mm {args.command}"
+    try:
+        return int(func(args) or 0)
+    except _usage_errors() as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if not catch_interrupt:
+            raise
+        print(f"{prog}: interrupted (outputs are left as they were)", file=sys.stderr)
+        return 130
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="recbole-mm",
         description="Transferable multi-modal sequential recommenders on RecBole.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    # every sub-command's parser shows its description and epilog as written
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
 
     ft = sub.add_parser(
         "finetune",
@@ -78,25 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "as 'torchrun --standalone --nproc_per_node N'; one GPU each, or CPU with gloo); "
                          "default 1: a single process. Several machines: torchrun (see below)")
 
-    from recbole_mm.pipeline.cli import add_commands
-
-    add_commands(sub)  # preprocess, extract-text, extract-image, merge
-
-    from recbole_mm.recommend_cli import register as add_recommend
-
-    add_recommend(sub)  # recommend
-
-    from recbole_mm.leaderboard import register as add_leaderboard
-
-    add_leaderboard(sub)  # leaderboard
-
-    from recbole_mm.transfer import register as add_transfer
-
-    add_transfer(sub)  # transfer
-
-    from recbole_mm.trainer.import_reference import register as add_import_checkpoint
-
-    add_import_checkpoint(sub)  # import-checkpoint
+    for register in _registrations():
+        register(sub)
     return parser
 
 
@@ -146,39 +185,28 @@ def _main(argv=None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command not in ("finetune", "pretrain"):
-        from recbole_mm.pipeline.cli import run_command
-
         if getattr(args, "config_overrides", False):  # leaderboard: --key=value overrides for every run
             args.overrides, args.argv, rest = parse_overrides(rest), argv, []
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        return run_command(args)
+        return run_subcommand(args.func, args)
     overrides = parse_overrides(rest)
+    if args.command == "pretrain" and args.nproc < 1:
+        parser.error("--nproc must be >= 1")
+    if args.command == "pretrain" and args.nproc > 1:  # relaunch this command in N processes (torch.distributed.elastic)
+        from recbole_mm.distributed import launch
 
-    from recbole_mm.config import ConfigError
-    from recbole_mm.data import DataValidationError
-    from recbole_mm.quick_start import UsageError, run
-    from recbole_mm.trainer.checkpoint import CheckpointError
+        return launch(args.nproc, "recbole_mm.cli", _without_nproc(argv))
+    return run_subcommand(lambda a: _train(a, overrides), args, prog="recbole-mm", catch_interrupt=False)
 
-    try:
-        if args.command == "finetune":
-            result = run(args.model, args.dataset, "finetune", mode=args.mode, pretrained=args.pretrained,
-                         resume=args.resume, config_files=args.config_files, overrides=overrides, saved=args.saved,
-                         strict_config=args.strict_config)
-            _say_where(result)
-        elif args.command == "pretrain":
-            if args.nproc < 1:
-                parser.error("--nproc must be >= 1")
-            if args.nproc > 1:  # relaunch this command in N processes under torch.distributed.elastic
-                from recbole_mm.distributed import launch
 
-                return launch(args.nproc, "recbole_mm.cli", _without_nproc(argv))
-            _say_where(run(args.model, args.dataset, "pretrain", resume=args.resume,
-                           config_files=args.config_files, overrides=overrides, saved=args.saved,
-                           strict_config=args.strict_config))
-    except (DataValidationError, FileNotFoundError, UsageError, ConfigError, CheckpointError) as e:
-        print(f"recbole-mm: error: {e}", file=sys.stderr)
-        return 2
+def _train(args, overrides) -> int:
+    from recbole_mm.quick_start import run
+
+    stage_args = {"mode": args.mode, "pretrained": args.pretrained} if args.command == "finetune" else {}
+    _say_where(run(args.model, args.dataset, args.command, **stage_args, resume=args.resume,
+                   config_files=args.config_files, overrides=overrides, saved=args.saved,
+                   strict_config=args.strict_config))
     return 0
 
 

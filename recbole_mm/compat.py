@@ -83,20 +83,24 @@ def _compatibility_settings(self) -> None:  # replaces recbole Config.compatibil
     numpy_aliases()
 
 
-class _TorchLoadDefaultsToFullPickle(types.ModuleType):
+class _ModuleView(types.ModuleType):
+    """A module as seen from one RecBole module: the same attributes, except those a subclass overrides."""
+
+    def __init__(self, module):
+        super().__init__(module.__name__)
+        self._module = module
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+
+class _TorchLoadDefaultsToFullPickle(_ModuleView):
     """``torch`` as seen from ``recbole.trainer.trainer``: same module, but ``load``
     defaults to ``weights_only=False`` because RecBole's checkpoints pickle its Config."""
 
-    def __init__(self, torch_module):
-        super().__init__("torch")
-        self._torch = torch_module
-
-    def __getattr__(self, name):
-        return getattr(self._torch, name)
-
     def load(self, *args, **kwargs):
         kwargs.setdefault("weights_only", False)
-        return self._torch.load(*args, **kwargs)
+        return self._module.load(*args, **kwargs)
 
 
 class _RayUnavailable(types.ModuleType):
@@ -128,19 +132,12 @@ def _ray_stand_in() -> None:
     sys.modules["ray.tune"] = _RayTuneUnavailable()  # type: ignore[assignment]
 
 
-class _PandasSeqNaNSafe(types.ModuleType):
+class _PandasSeqNaNSafe(_ModuleView):
     """``pandas`` as seen from ``recbole.data.dataset.dataset``: ``read_csv`` returns
     ``""`` instead of NaN in ``*:token_seq`` / ``*:float_seq`` columns (an empty sequence)."""
 
-    def __init__(self, pandas_module):
-        super().__init__("pandas")
-        self._pd = pandas_module
-
-    def __getattr__(self, name):
-        return getattr(self._pd, name)
-
     def read_csv(self, *args, **kwargs):
-        df = self._pd.read_csv(*args, **kwargs)
+        df = self._module.read_csv(*args, **kwargs)
         for col in list(kwargs.get("usecols") or []):
             if isinstance(col, str) and col.endswith("seq") and col in df.columns:
                 df[col] = df[col].fillna("")

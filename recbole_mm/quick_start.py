@@ -11,15 +11,12 @@ writes the log file, checkpoints and the result JSON, every rank returns the sam
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import resource
-import tempfile
 from logging import getLogger
 from time import perf_counter
 
-import torch
 from recbole.utils import get_local_time, init_logger, init_seed
 
 from recbole_mm import distributed
@@ -29,7 +26,7 @@ from recbole_mm.model.abstract import check_pretrained_checkpoint, model_stages,
 from recbole_mm.trainer import MMTrainer, load_checkpoint
 from recbole_mm.trainer.checkpoint import RunLock, remove_stale_temps, run_base
 from recbole_mm.trainer.trainer import check_resume_checkpoint
-from recbole_mm.utils import get_model
+from recbole_mm.utils import get_model, write_json
 
 MODES = ("inductive", "transductive")
 
@@ -225,21 +222,3 @@ def metrics_table(valid: dict | None, test: dict | None) -> str:
     return "\n".join(rows)
 
 
-def write_json(obj, path):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, default=_json_default)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _json_default(o):
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    return str(o)

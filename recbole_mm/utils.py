@@ -74,3 +74,66 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def atomic_write(path, data, *, fsync: bool = True) -> None:
+    """Replace ``path`` by ``data`` atomically: readers see the old file or the new one, never a part.
+
+    ``data``: ``bytes``, ``str`` (written as UTF-8, newlines as given) or a callable ``writer(f)``
+    that writes to a binary file object (``torch.save``, ``fig.savefig``...).  The data goes to a
+    temporary file in the same folder, named ``.<name>.tmp-<pid>-<random>`` (unique, so that
+    concurrent processes writing the same path never share one; ``trainer.checkpoint.
+    remove_stale_temps`` recognises the name), created with the umask's permissions (as
+    ``open(path, "w")`` would), then ``os.replace``-d onto ``path``.  ``fsync``: the file's data,
+    then the folder's entry, reach the disk before returning (a crash leaves the old or the new
+    file).  On any error (the writer's too) the temporary file is removed and ``path`` is left as
+    it was.  The folder is created when missing."""
+    import os
+    import secrets
+
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666 & ~umask
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    if fsync:
+        try:
+            dfd = os.open(folder, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.fsync(dfd)
+        except OSError:  # some file systems do not fsync folders
+            pass
+        finally:
+            os.close(dfd)
+
+
+def json_default(o):
+    """``json.dump``'s ``default`` for our result files: tensors as lists, anything else as text."""
+    if hasattr(o, "tolist") and type(o).__module__.startswith("torch"):
+        return o.tolist()
+    return str(o)
+
+
+def write_json(obj, path, *, fsync: bool = True) -> None:
+    """``obj`` as indented JSON (``indent=1``), written atomically (:func:`atomic_write`)."""
+    import json
+
+    atomic_write(path, json.dumps(obj, indent=1, default=json_default), fsync=fsync)

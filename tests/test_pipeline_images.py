@@ -44,17 +44,9 @@ QUIET = dict(log=lambda m: None, show_progress=False)
 
 
 def _cli(argv: list[str]) -> int:
-    """``recbole-mm argv``; falls back to a parser with only this module's commands."""
-    try:
-        from recbole_mm.cli import main
-    except ImportError:  # pragma: no cover - the other pipeline modules are missing
-        import argparse
+    """``recbole-mm argv``."""
+    from recbole_mm.cli import main
 
-        from recbole_mm.pipeline.cli import run_command
-
-        parser = argparse.ArgumentParser(prog="recbole-mm")
-        images_mod.register(parser.add_subparsers(dest="command", required=True))
-        return run_command(parser.parse_args(argv))
     return main(argv)
 
 

@@ -134,6 +134,34 @@ def test_chunked_scoring_equals_unchunked(name, ckpts, tiny_root):
             np.testing.assert_allclose(a.scores, b.scores, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["unisrec_ind", "unisrec_trans", "missrec_ind"])
+def test_chunked_scoring_goes_through_the_models_serving_methods(name, ckpts, tiny_root, monkeypatch):
+    """Any of our models: a catalogue larger than chunk_size is scored chunk by chunk with the
+    model's sequence_output / item_table_range / score_items (never a whole score matrix from
+    full_sort_predict), with the same top-k as the evaluator's single block."""
+    histories, _, _ = _reference(name, ckpts[name], tiny_root)
+    rec = recbole_mm.load(ckpts[name])
+    whole = rec.recommend(histories, k=10, exclude_seen=False)
+    model, ranges = rec.model, []
+    table_range = model.item_table_range
+
+    def spy(start, end):
+        ranges.append((start, end))
+        return table_range(start, end)
+
+    def refuse(*_):
+        raise AssertionError("full_sort_predict called by the chunked path")
+
+    monkeypatch.setattr(model, "item_table_range", spy)
+    monkeypatch.setattr(model, "full_sort_predict", refuse)
+    chunked = rec.recommend(histories, k=10, exclude_seen=False, chunk_size=7, batch_size=13)
+    n = len(rec.item_ids) + 1
+    assert ranges == [(s, min(s + 7, n)) for s in range(0, n, 7)]  # each chunk once, for every batch
+    assert [r.items for r in chunked] == [r.items for r in whole]
+    for a, b in zip(chunked, whole):
+        np.testing.assert_allclose(a.scores, b.scores, atol=1e-5, rtol=0)
+
+
 def test_embeddings_are_what_the_scores_are_made_of(ckpts, tiny_root):
     histories, _, _ = _reference("unisrec_ind", ckpts["unisrec_ind"], tiny_root)
     rec = recbole_mm.load(ckpts["unisrec_ind"])

@@ -490,7 +490,7 @@ def test_byte_order_mark_is_stripped_in_every_atomic_file(suffix, tiny_root, tmp
 def test_byte_order_mark_is_stripped_in_plain_inter_and_histories(tmp_path):
     from fixtures import make_dataset
     from recbole_mm.data import create_dataset
-    from recbole_mm.recommend_cli import read_histories
+    from recbole_mm.recommend.cli import read_histories
 
     make_dataset(tmp_path / "a", "P", plain_inter=True)
     make_dataset(tmp_path / "b", "P", plain_inter=True)

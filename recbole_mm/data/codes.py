@@ -20,7 +20,6 @@ import io
 import math
 import os
 import stat
-import tempfile
 import warnings
 from logging import getLogger
 
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 
 from recbole_mm.data.readers import DataValidationError
+from recbole_mm.utils import atomic_write
 
 FORMAT = "recbole_mm.vq_codes/1"
 QUANTISER_KEYS = ("rotation", "bias", "coarse", "centroids")
@@ -171,19 +171,7 @@ def _writable_folder(folder: str, fallback: str) -> str:
 def _atomic_save(payload: dict, path: str) -> None:
     buf = io.BytesIO()
     torch.save(payload, buf)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".codes.pt", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, buf.getvalue())
 
 
 def load_cached(path: str, key: str) -> dict | None:

@@ -27,6 +27,7 @@ import zlib
 
 import numpy as np
 
+from recbole_mm.data.formats import INTER_HEADER, header_line
 from recbole_mm.data.readers import DataValidationError
 
 TEXT_DIM, IMAGE_DIM = 64, 32
@@ -108,7 +109,7 @@ def write_demo(folder: str, name: str) -> None:
            + [f"{it['raw']}\t{it['title']}\t{it['brand']}\t{it['category']}\n" for it in items])
     _text_features(items).tofile(p("feat1CLS"))
     _image_features(rng, items).tofile(p("feat3CLS"))
-    header = "user_id:token\titem_id_list:token_seq\titem_id:token\n"
+    header = header_line(INTER_HEADER) + "\n"
     splits = {"train": [header], "valid": [header], "test": [header]}
     join = lambda xs: " ".join(map(str, xs[-50:]))  # noqa: E731
     for u, s in enumerate(seqs):

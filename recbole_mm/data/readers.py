@@ -12,8 +12,7 @@ import os
 import numpy as np
 import pandas as pd
 
-INTER_HEADER = ("user_id:token", "item_id_list:token_seq", "item_id:token")
-TEXT_HEADER = ("item_id:token", "text:token_seq")
+from recbole_mm.data.formats import INTER_HEADER, TEXT_HEADER  # the one definition of the header lines
 
 
 class DataValidationError(ValueError):
@@ -252,18 +251,25 @@ def _all_zero(path: str) -> None:
                       "remove the file's suffix from the config or extract the features again")
 
 
-def read_features(path: str, raw_ids: list[str], dim: int | None) -> np.ndarray:
-    """``.featNCLS``: raw little-endian float32, ``n_items x dim``, row i = item index i."""
-    n_items = len(raw_ids)
+def _float_count(path: str, n_items: int, dim: int | None) -> tuple[int, int]:
+    """``(floats in the file, dim)`` of a ``.featNCLS`` file; ``dim`` None: inferred (one row per item)."""
     size = os.path.getsize(path)
     if size == 0 or size % 4:
         _fail(path, None, f"size {size} bytes is not a positive multiple of 4 (float32 rows expected)")
     n_floats = size // 4
     if dim is None:
-        if n_floats % n_items:
+        if n_items == 0 or n_floats % n_items:
             _fail(path, None, f"{n_floats} floats cannot be {n_items} rows (one per item in .item2index)")
         dim = n_floats // n_items
-    elif n_floats % dim:
+    return n_floats, dim
+
+
+def read_features(path: str, raw_ids: list[str], dim: int | None) -> np.ndarray:
+    """``.featNCLS``: raw little-endian float32, ``n_items x dim``, row i = item index i."""
+    n_items = len(raw_ids)
+    n_floats, dim = _float_count(path, n_items, dim)
+    size = 4 * n_floats
+    if n_floats % dim:
         _fail(path, None, f"size {size} bytes is not a multiple of 4*dim = {4 * dim}")
     rows = n_floats // dim
     if rows != n_items:
@@ -280,24 +286,23 @@ def read_features(path: str, raw_ids: list[str], dim: int | None) -> np.ndarray:
     return arr.astype(np.float32, copy=False)
 
 
-def read_feature_table(path: str, raw_ids: list[str], dim: int, what: str = "features", chunk_rows: int = 65536):
+def read_feature_table(path: str, raw_ids: list[str], dim: int | None, what: str = "features",
+                       chunk_rows: int = 65536):
     """``.featNCLS`` read straight into a ``torch.float32 [n_items + 1, dim]`` table, row 0 zeros
     (padding), row i + 1 = item index i: the layout of ``dataset.features``.
 
     The same checks as :func:`read_features`, but the file is read once into the table and
     checked for NaN/Inf in blocks of ``chunk_rows``, so a large catalogue needs one copy of its
     features in memory (no numpy array next to the table).  ``what`` names the expected
-    feature size in the error (e.g. ``"plm_size"``).
+    feature size in the error (e.g. ``"plm_size"``); ``dim`` None: inferred from the file's size.
     """
     import sys
 
     import torch
 
     n_items = len(raw_ids)
-    size = os.path.getsize(path)
-    if size == 0 or size % 4:
-        _fail(path, None, f"size {size} bytes is not a positive multiple of 4 (float32 rows expected)")
-    n_floats = size // 4
+    n_floats, dim = _float_count(path, n_items, dim)
+    size = 4 * n_floats
     hint = _float64_hint(n_floats, n_items, dim)
     if n_floats % n_items == 0 and n_floats // n_items != dim:
         _fail(path, None, f"has {n_items} rows of dim {n_floats // n_items}; expected dim {dim} ({what}){hint}")

@@ -300,3 +300,25 @@ class MMSequentialRecommender(SequentialRecommender):
         for name, p in self.named_parameters():
             if name in names:
                 p.requires_grad_(False)
+
+    # -- serving: scores of a range of items (recbole_mm.recommend's chunked scoring) ----------
+    # Together ``score_items(sequence_output(b), item_table_range(s, e), s, e)`` equals
+    # ``full_sort_predict(b)[:, s:e]``; a model whose scores are not a dot product of the two
+    # overrides ``score_items``; one with a cheaper way to build part of its table overrides
+    # ``item_table_range`` (e.g. UniSRec: its adaptor on those items' features only).
+    def sequence_output(self, interaction):
+        """What ``full_sort_predict`` scores a batch of histories with (default: ``forward``)."""
+        return self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+
+    def item_table_range(self, start: int, end: int):
+        """Rows ``start..end-1`` of the item table that ``score_items`` scores against (default: of
+        ``item_table()``, computed once inside ``item_table_cache()``; a dict table: each entry)."""
+        table = self.item_table()
+        if isinstance(table, dict):
+            return {k: v[start:end] for k, v in table.items()}
+        return table[start:end]
+
+    def score_items(self, seq_output, items, start: int, end: int) -> torch.Tensor:
+        """``[B, end - start]`` scores of ``sequence_output`` against ``item_table_range(start, end)``
+        (default: dot product)."""
+        return seq_output @ items.T

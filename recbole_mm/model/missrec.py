@@ -479,6 +479,21 @@ class MISSRec(MMSequentialRecommender):
             other = F.dropout(feats, self.feature_drop_ratio, True)
         return item_seq, item_seq_len, torch.where(drop.unsqueeze(-1), other, feats)
 
+    def score_items(self, seq_output, items, start: int, end: int) -> torch.Tensor:
+        """Serving (recbole_mm.recommend): ``full_sort_predict``'s fused scores of items
+        ``start..end-1`` (``items``: their rows of each modality's table, as ``fused_logits``)."""
+        logits = [seq_output @ F.normalize(items[m], dim=-1).T for m in self.modalities]
+        if len(logits) == 1:
+            agg = logits[0]
+        else:
+            lg = torch.stack(logits)  # [M, B, N]
+            pr = torch.stack([self._presence(m)[start:end] for m in self.modalities]).unsqueeze(1)
+            w = self.fusion_factor if self.item_fusion == "dynamic_shared" else lg.new_zeros(())
+            agg = (lg * _presence_softmax(w * lg, pr)).sum(0)
+        if self.item_embedding is not None:
+            agg = (seq_output @ F.normalize(items["id"], dim=-1).T + 2.0 * agg) / 3.0
+        return agg / self.temperature
+
 
 def _presence_softmax(logits: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     """Softmax over the modality axis (0) restricted to the present modalities; all zeros

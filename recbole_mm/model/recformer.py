@@ -515,6 +515,10 @@ class Recformer(MMSequentialRecommender):
         """Parameters frozen when fine-tuning from a checkpoint (Recformer: none, the whole model trains)."""
         return []
 
+    def score_items(self, seq_output, items, start: int, end: int) -> torch.Tensor:
+        """Serving (recbole_mm.recommend): ``full_sort_predict``'s scores of items ``start..end-1``."""
+        return self._logits(seq_output, items)
+
 
 _TABLE_STATE = ("item_embeddings", "table_ready", "table_stale", "table_frozen", "table_key")
 

@@ -200,3 +200,27 @@ class UniSRec(MMSequentialRecommender):
             aug_seq = item_seq.gather(1, order) * (pos < new_len.unsqueeze(1))
             return aug_seq, new_len, None
         return item_seq, item_seq_len, drop
+
+    # -- serving (recbole_mm.recommend): cosine scores, the table built in pieces -----------
+    ADAPTOR_ROWS = 8192  # items per adaptor pass (its experts' intermediate is rows x n_exps x H)
+
+    def sequence_output(self, interaction):
+        """The L2-normalised sequence vector of ``full_sort_predict``; inductive: from the adapted
+        vectors of the batch's own items only (no full item table)."""
+        seq, lens = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
+        if self.item_embedding is not None:  # as _scores: the text part of the full table
+            out = self.encode(seq, lens, self.cached("text_table", lambda: self.item_table() - self.item_embedding.weight))
+        else:
+            uniq, local = torch.unique(seq, return_inverse=True)
+            out = self.encode(local, lens, self.moe_adaptor(self.text_features.index_select(0, uniq)))
+        return F.normalize(out, dim=-1)
+
+    def item_table_range(self, start: int, end: int) -> torch.Tensor:
+        """L2-normalised item vectors ``start..end-1`` (inductive: the adaptor on their features only)."""
+        if self.item_embedding is not None:
+            table = self.item_table()[start:end]
+        else:
+            parts = [self.moe_adaptor(self.text_features[s : min(s + self.ADAPTOR_ROWS, end)])
+                     for s in range(start, end, self.ADAPTOR_ROWS)]
+            table = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return F.normalize(table, dim=-1)

@@ -310,3 +310,14 @@ class VQRec(MMSequentialRecommender):
         fake_logit = (seq_output * fake).sum(-1, keepdim=True) / self.temperature
         target = torch.arange(seq_output.size(0), device=logits.device) + batch.offset
         return F.cross_entropy(torch.cat([logits, fake_logit], dim=1), target)
+
+    # -- serving (recbole_mm.recommend) -----------------------------------------------------
+    def sequence_output(self, interaction):
+        weight = self.cached("code_weight", self.code_weight)
+        return self.encode(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN], weight)
+
+    def score_items(self, seq_output, items, start: int, end: int) -> torch.Tensor:
+        """As ``full_sort_predict``: cosine with ``temperature > 0`` (not divided by it), else dot product."""
+        if self.temperature > 0:
+            return F.normalize(seq_output, dim=-1) @ F.normalize(items, dim=-1).T
+        return seq_output @ items.T

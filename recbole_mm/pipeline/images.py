@@ -46,7 +46,8 @@ from recbole_mm.encoders import BICUBIC, CLIP_MEAN, CLIP_STD, IMAGE_EXTS, prepro
 from recbole_mm.encoders import decode_image as _decode
 from recbole_mm.encoders import index_image_folder as _index_folder
 from recbole_mm.encoders import quiet_transformers as _quiet_transformers
-from recbole_mm.pipeline.common import PipelineError, atomic_write_bytes, dataset_file, progress, read_items
+from recbole_mm.pipeline.common import PipelineError, dataset_file, progress, read_items
+from recbole_mm.utils import atomic_write
 
 IMAGEURL_HEADER = "item_id:token\turl:token"
 FAILED_FILE = "failed.tsv"
@@ -303,7 +304,7 @@ def extract_image_features(
             f"<item index><ext>, e.g. {raws[0]}.jpg or 0.jpg; {len(files):,} image files there, "
             f"{len(unreadable):,} unreadable); nothing written"
         )
-    atomic_write_bytes(final, table.tobytes())
+    atomic_write(final, table.tobytes())
     report = {"path": os.path.abspath(final), "n_items": n, "dim": enc.dim, "found": found,
               "missing": len(missing), "unreadable": len(unreadable), "encoder": enc.path, "backend": backend}
     log(f"{os.path.basename(final)}: {n:,} items x {enc.dim}; {found:,} images encoded, {len(missing):,} missing, "
@@ -491,7 +492,7 @@ def download_images(
     def save_failed() -> None:
         if failed:
             lines = [FAILED_HEADER] + [f"{r}\t{u}\t{why}" for r, (u, why) in sorted(failed.items())]
-            atomic_write_bytes(fail_path, ("\n".join(lines) + "\n").encode("utf-8"))
+            atomic_write(fail_path, ("\n".join(lines) + "\n").encode("utf-8"))
         elif os.path.exists(fail_path):
             os.unlink(fail_path)
 

@@ -21,16 +21,17 @@ exactly as ``run_pretrain.py -d d1,d2`` reads the domains one by one.
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
 import re
 
+from recbole_mm.data import formats
+from recbole_mm.data.formats import header_line
 from recbole_mm.data.readers import read_attributes, read_index_file, read_text, require_file
 from recbole_mm.pipeline.common import PipelineError, dataset_file, dataset_name, staged_folder
 
-INTER_HEADER = "user_id:token\titem_id_list:token_seq\titem_id:token"
+INTER_HEADER = header_line(formats.INTER_HEADER)
 SPLITS = ("train", "valid", "test")
 
 
@@ -133,18 +134,13 @@ def merge(output: str, domains: list[str], overwrite: bool = False, log=print) -
         def path(suffix):
             return os.path.join(tmp, f"{out_name}.{suffix}")
 
-        with open(path("item2index"), "w", encoding="utf-8") as f:
-            off = 0
-            for n, it in zip(names, items):
-                for k, raw in enumerate(it):
-                    f.write(f"{n}:{raw}\t{off + k}\n")
-                off += len(it)
-        with open(path("user2index"), "w", encoding="utf-8") as f:
-            off = 0
-            for n, us in zip(names, users):
-                for k, raw in enumerate(us):
-                    f.write(f"{n}:{raw}\t{off + k}\n")
-                off += len(us)
+        for suffix, per_domain in (("item2index", items), ("user2index", users)):
+            with open(path(suffix), "w", encoding="utf-8") as f:  # "<domain>:<raw id>", one index
+                off = 0
+                for n, ids in zip(names, per_domain):
+                    for k, raw in enumerate(ids):
+                        f.write(f"{n}:{raw}\t{off + k}\n")
+                    off += len(ids)
         if all(has_text):
             with open(path("text"), "w", encoding="utf-8") as f:
                 f.write("item_id:token\ttext:token_seq\n")
@@ -186,12 +182,7 @@ def merge(output: str, domains: list[str], overwrite: bool = False, log=print) -
 
 
 def register(sub) -> None:
-    p = sub.add_parser(
-        "merge",
-        help="merge processed domains into one pre-training dataset folder",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = sub.add_parser("merge", description=__doc__, help="merge processed domains into one pre-training dataset folder")
     p.add_argument("--output", required=True, metavar="OUT_DIR/NAME", help="the merged dataset folder to write")
     p.add_argument("domains", nargs="+", metavar="DOMAIN_DIR", help="processed dataset folders OUT_DIR/<name>, in order")
     p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")

@@ -169,13 +169,9 @@ def prepare(a: argparse.Namespace, log=print) -> str:
 
 
 def register(sub) -> None:
-    p = sub.add_parser(
-        "prepare",
-        help="raw Amazon files (or --download) -> a ready dataset: preprocess + text (+ image) features",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="paper names: " + ", ".join(f"{k}={v[0]}" for k, v in ALIASES.items()),
-    )
+    p = sub.add_parser("prepare", description=__doc__,
+                       epilog="paper names: " + ", ".join(f"{k}={v[0]}" for k, v in ALIASES.items()),
+                       help="raw Amazon files (or --download) -> a ready dataset: preprocess + text (+ image) features")
     p.add_argument("name", metavar="NAME", help="dataset name: a paper's short name (Arts, Scientific, ...) or an Amazon category")
     p.add_argument("--input", required=True, metavar="RAW_DIR", help="folder of the raw files (--download writes them there)")
     p.add_argument("--output", default="dataset/downstream", metavar="OUT_DIR",

@@ -38,7 +38,6 @@ Output: ``OUT_DIR/<name>/<name>.{train,valid,test}.inter``, ``.item2index``,
 
 from __future__ import annotations
 
-import argparse
 import ast
 import gzip
 import html
@@ -51,13 +50,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from recbole_mm.data import formats
+from recbole_mm.data.formats import header_line
 from recbole_mm.data.readers import BOM
 from recbole_mm.pipeline.common import PipelineError, progress, staged_folder
 
-INTER_HEADER = "user_id:token\titem_id_list:token_seq\titem_id:token\n"
-TEXT_HEADER = "item_id:token\ttext:token_seq\n"
-URL_HEADER = "item_id:token\turl:token\n"
-ATTR_HEADER = "item_id:token\ttitle:token_seq\tbrand:token_seq\tcategory:token_seq\n"
+# header lines of the files written (data/formats.py)
+INTER_HEADER, TEXT_HEADER, URL_HEADER, ATTR_HEADER = (header_line(h) + "\n" for h in (
+    formats.INTER_HEADER, formats.TEXT_HEADER, formats.URL_HEADER, formats.ATTR_HEADER))
 
 
 @dataclass(frozen=True)
@@ -515,12 +515,8 @@ def preprocess(
 # CLI
 # ---------------------------------------------------------------------------------------
 def register(sub) -> None:
-    p = sub.add_parser(
-        "preprocess",
-        help="raw Amazon reviews (2023 or 2018 format) -> pre-split atomic files",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = sub.add_parser("preprocess", description=__doc__,
+                       help="raw Amazon reviews (2023 or 2018 format) -> pre-split atomic files")
     p.add_argument("--format", dest="fmt", choices=sorted(FORMATS), default="amazon2023",
                    help="raw file layout (default: amazon2023)")
     p.add_argument("--input", required=True, metavar="RAW_DIR",

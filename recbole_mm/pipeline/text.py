@@ -31,9 +31,9 @@ import numpy as np
 from recbole_mm import encoders
 from recbole_mm.data.readers import read_text, require_file
 from recbole_mm.errors import MissingEncoderError
+from recbole_mm.utils import atomic_write
 from recbole_mm.pipeline.common import (
     PipelineError,
-    atomic_write_bytes,
     dataset_file,
     progress,
     read_items,
@@ -205,7 +205,7 @@ def extract_text_features(
     if done == 0:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(partial)
-        atomic_write_bytes(meta, json.dumps(settings, sort_keys=True).encode("utf-8"))
+        atomic_write(meta, json.dumps(settings, sort_keys=True).encode("utf-8"))
     with open(partial, "ab" if done else "wb") as f:
         f.truncate(done * 4 * dim)
         f.seek(done * 4 * dim)
@@ -225,7 +225,7 @@ def extract_text_features(
         raise PipelineError(f"{partial}: {by_order.size} floats, expected {n * dim}; delete it and run again")
     table = np.empty((n, dim), dtype="<f4")
     table[order] = by_order.reshape(n, dim)
-    atomic_write_bytes(final, table.tobytes())
+    atomic_write(final, table.tobytes())
     os.unlink(partial)
     os.unlink(meta)
     report = {"path": os.path.abspath(final), "n_items": n, "dim": dim, **enc.describe(), "resumed_from": done}

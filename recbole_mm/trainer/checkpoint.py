@@ -6,32 +6,20 @@ import fcntl
 import os
 import random
 import re
-import tempfile
 
 import numpy as np
 import torch
 
 from recbole_mm.errors import CheckpointError  # noqa: F401 - defined in errors.py, importable from here too
+from recbole_mm.utils import atomic_write
 
 FORMAT = "recbole_mm.checkpoint/1"
 
 
 def save_checkpoint(payload: dict, path: str) -> None:
-    """Write ``payload`` to ``path`` atomically (temp file in the same folder, then rename)."""
-    payload = dict(payload, format=FORMAT)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=folder)  # see remove_stale_temps
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``payload`` to ``path`` atomically (:func:`recbole_mm.utils.atomic_write`: a
+    ``.<name>.tmp-*`` file in the same folder, fsynced, then renamed; see remove_stale_temps)."""
+    atomic_write(path, lambda f: torch.save(dict(payload, format=FORMAT), f))
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:

@@ -27,7 +27,6 @@ written atomically with :func:`recbole_mm.trainer.checkpoint.save_checkpoint` (l
 
 from __future__ import annotations
 
-import argparse
 import collections
 import io
 import pickle
@@ -225,12 +224,9 @@ def import_checkpoint(src: str, dst: str) -> dict:
 
 
 def register(sub) -> None:
-    p = sub.add_parser(
-        "import-checkpoint",
-        help="convert a RUCAIBox/UniSRec pre-trained .pth to a recbole_mm checkpoint (nothing in it is executed)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = sub.add_parser("import-checkpoint", description=__doc__,
+                       help="convert a RUCAIBox/UniSRec pre-trained .pth to a recbole_mm checkpoint (nothing in it is "
+                            "executed)")
     p.add_argument("reference", metavar="REF.pth", help="the reference's checkpoint (e.g. UniSRec-FHCKM-300.pth)")
     p.add_argument("out", metavar="OUT.pth", help="our checkpoint to write (use it with -p)")
     p.set_defaults(func=_main)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import json
-import os
 import re
 import sys
-import tempfile
 import warnings
+
+from recbole_mm.utils import atomic_write
 
 DESCRIPTION = """\
 Recommend the top-k items for raw item histories with a trained checkpoint.
@@ -38,13 +37,8 @@ examples:
 
 
 def register(sub) -> None:
-    p = sub.add_parser(
-        "recommend",
-        help="top-k items for raw item histories from a checkpoint (zero-shot with --catalogue)",
-        description=DESCRIPTION,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = sub.add_parser("recommend", description=DESCRIPTION, epilog=EPILOG,
+                       help="top-k items for raw item histories from a checkpoint (zero-shot with --catalogue)")
     p.add_argument("checkpoint", metavar="CKPT", help="checkpoint written by finetune or pretrain (<run>.pth)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--history", metavar="ID1,ID2,...",
@@ -144,23 +138,8 @@ def main(args: argparse.Namespace) -> int:
         out_lines.append(json.dumps(obj))
     text = "\n".join(out_lines) + "\n"
     if args.output:
-        _atomic_write(args.output, text)
+        atomic_write(args.output, text)
         print(f"recbole-mm recommend: {len(recs)} histories -> {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(text)
     return 0
-
-
-def _atomic_write(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise

@@ -1,0 +1,134 @@
+"""Transfer planning: the pre-training, fine-tuning, zero-shot and baseline cells (see :mod:`recbole_mm.transfer`)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from recbole_mm import leaderboard as lb
+from recbole_mm.leaderboard import Cell, LeaderboardError
+
+DEFAULT_METRIC = "ndcg@10"
+SECOND_METRIC = "recall@10"
+
+
+@dataclass
+class TransferPlan:
+    pretrain: list[Cell]          # one per model
+    finetune: list[Cell]          # scratch and pre-trained, every target/mode/fraction/seed
+    zero_shot: list[Cell]         # epochs=0: pre-trained and untrained
+    baselines: list[Cell]         # Popularity per target and fraction
+    notes: list[str]
+
+
+def _fraction_list(value) -> list[float]:
+    out = []
+    for v in lb.split_list(value or "1.0"):
+        try:
+            f = float(v)
+        except ValueError:
+            raise LeaderboardError(f"--fraction: numbers in (0, 1], got {v!r}") from None
+        if not 0.0 < f <= 1.0:
+            raise LeaderboardError(f"--fraction: numbers in (0, 1], got {v!r}")
+        out.append(f)
+    return out
+
+
+def _frac_tag(f: float) -> str:
+    return "" if f >= 1.0 else f"-f{f:g}"
+
+
+def plan_pretrain(models, corpus, pretrain_path, overrides, pt_overrides, config_files, pt_epochs, curve) -> list[Cell]:
+    """One pre-training cell per model (named ``tr-pt-<Model>-<hash>`` of its resolved config)."""
+    from recbole_mm.quick_start import build_config
+    from recbole_mm.utils import get_model
+
+    cells = []
+    for name in models:
+        cls = get_model(name)
+        own = {k: v for n, kv in pt_overrides.items() if get_model(n) is cls for k, v in kv.items()}
+        ov = dict(overrides, **own)
+        ov["data_path"] = pretrain_path
+        ov["save_step"] = "1"  # <run>-<n>.pth after every epoch: final once written, usable while it goes on
+        if pt_epochs or curve:  # long enough for the transferred checkpoint and every point of the curve
+            base_epochs = pt_epochs or int(build_config(cls, corpus, "pretrain", None, config_files,
+                                                        overrides=ov)["epochs"])
+            ov["epochs"] = str(max([int(base_epochs), *curve]))
+        cell = Cell(cls.__name__, None, None, int(ov.get("seed", lb.DEFAULT_SEED)), lm=lb.is_lm(cls),
+                    stage="pretrain", dataset=corpus)
+        cell.mode_label = "pretrain"
+        cell.overrides = ov
+        try:
+            config = build_config(cls, corpus, "pretrain", None, config_files, overrides=ov)
+            cell.config_hash = lb.config_hash(config, None)
+            cell.checkpoint_dir = str(config["checkpoint_dir"] or "saved")
+            cell.run_name = lb._safe(f"tr-pt-{cls.__name__}-{corpus.replace(',', '+')}-{cell.config_hash}")
+            cell.overrides["run_name"] = cell.run_name
+            cell.transfer_epoch = int(pt_epochs or config["epochs"])
+        except Exception as e:  # noqa: BLE001 - a cell's failure is reported, the others go on
+            cell.status, cell.error = "failed", lb._one_line(e)
+        cells.append(cell)
+    return cells
+
+
+def checkpoint_of(cell: Cell, epoch: int | None = None) -> str:
+    """The checkpoint a pre-training cell writes after ``epoch`` epochs (default: the transferred
+    one, ``--pt-epochs``): ``<run>-<epoch>.pth``, written atomically and never rewritten."""
+    return os.path.join(cell.checkpoint_dir, f"{cell.run_name}-{epoch or cell.transfer_epoch}.pth")
+
+
+def _tag(cells, **attrs):
+    for c in cells:
+        for k, v in attrs.items():
+            setattr(c, k, v)
+    return cells
+
+
+def plan_targets(models, targets, modes, fractions, seeds, lm_seeds, overrides, model_overrides, config_files,
+                 pre_cells, min_steps, zero_shot=True, curve=()) -> tuple[list, list, list, list[str]]:
+    """Fine-tuning, zero-shot and popularity cells for every target (the pre-trained
+    checkpoints must exist: their size is part of a cell's hash)."""
+    from recbole_mm.utils import get_model
+
+    # a numbered checkpoint is final once it exists (the run's <run>.pth is rewritten every epoch)
+    ready = {c.model: c for c in pre_cells if c.run_name and os.path.isfile(checkpoint_of(c))}
+    finetune, zs, base, notes = [], [], [], []
+    for c in pre_cells:
+        if c.model not in ready:
+            notes.append(f"{c.model}: no checkpoint after {getattr(c, 'transfer_epoch', '?')} pre-training epochs yet "
+                         f"({c.error or 'pre-training not that far'}); pre-trained and zero-shot rows missing")
+    for target in targets:
+        for f in fractions:
+            ov = dict(overrides, train_fraction=f"{f:g}", stopping_min_steps=str(min_steps))
+            if f < 1.0:  # evaluate every 1/f epochs: patience (stopping_step evaluations) in steps as on all data
+                ov["eval_step"] = str(max(1, round(int(overrides.get("eval_step", 1)) / f)))
+            pretrained = [f"{m}={checkpoint_of(ready[get_model(m).__name__])}" for m in models
+                          if get_model(m).__name__ in ready]
+            cells, n = lb.plan(target, models, modes, pretrained, seeds, lm_seeds, ov, config_files, model_overrides)
+            finetune += _tag(cells, dataset=target, fraction=f, kind="finetune", pt_epoch=None)
+            notes += [f"{target}: {x}" for x in n]
+            for epoch in curve:
+                curve_pt = [f"{m}={checkpoint_of(c, epoch)}" for c in pre_cells for m in models
+                            if get_model(m).__name__ == c.model and c.run_name and epoch != c.transfer_epoch
+                            and os.path.isfile(checkpoint_of(c, epoch))]
+                if curve_pt:
+                    cells, _ = lb.plan(target, [], "inductive", curve_pt, seeds, lm_seeds, ov, config_files,
+                                       model_overrides)
+                    finetune += _tag(cells, dataset=target, fraction=f, kind="curve", pt_epoch=epoch)
+            base += _tag(lb.plan(target, ["Popularity"], None, None, [seeds[0]] if isinstance(seeds, list) else 1,
+                                 None, ov, config_files, None)[0], dataset=target, fraction=f, kind="popularity",
+                         pt_epoch=None)
+        if zero_shot:
+            inductive = [m for m in models if "inductive" in (lb.supported_modes(get_model(m)) or ())]
+            pretrained = [f"{m}={checkpoint_of(ready[get_model(m).__name__])}" for m in inductive
+                          if get_model(m).__name__ in ready]
+            ov = dict(overrides, epochs="0")
+            if inductive:  # the untrained control: every seed (its initialisation is the seed's)
+                cells, _ = lb.plan(target, inductive, "inductive", None, seeds, lm_seeds, ov, config_files,
+                                   model_overrides)
+                zs += _tag(cells, dataset=target, fraction=1.0, kind="zero-shot", pt_epoch=None)
+            if pretrained:  # no training, no dropout in evaluation: the same scores for every seed
+                cells, _ = lb.plan(target, [], "inductive", pretrained, seeds[:1], (lm_seeds or seeds)[:1], ov,
+                                   config_files, model_overrides)
+                zs += _tag(cells, dataset=target, fraction=1.0, kind="zero-shot", pt_epoch=None)
+    return finetune, zs, base, notes
