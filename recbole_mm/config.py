@@ -9,6 +9,8 @@ Precedence, lowest first:
 4. ``props/<Model>.yaml`` (if present), then ``props/<Model>.<stage>.yaml`` (if present:
    a model's stage-specific defaults, e.g. MISSRec's pre-training batch size);
 5. ``props/<dataset>.yaml`` (if present; for a pre-training run, each domain's, in order);
+   then ``props/<Model>.<dataset>.yaml`` (if present: a model's settings for one dataset,
+   e.g. PMMRec's batch on the small demo);
 6. ``config_file_list`` (``--config_files``), in order;
 7. ``config_dict`` (Python callers);
 8. command-line overrides (``--key=value`` / ``--key value``), given explicitly, never read
@@ -148,6 +150,8 @@ def layered_prop_files(model_name: str, dataset: str, stage: str, recbole_model:
     names = ["overall.yaml", f"{stage}.yaml"] + (["recbole_models.yaml"] if recbole_model else [])
     names += [f"{model_name}.yaml", f"{model_name}.{stage}.yaml"]
     names += [f"{d}.yaml" for d in split_domains(dataset)]
+    # a model's settings for one dataset (e.g. PMMRec.demo.yaml: its batch on the 360-user demo)
+    names += [f"{model_name}.{d}.yaml" for d in split_domains(dataset)]
     return [str(root / n) for n in names if (root / n).is_file()]
 
 

@@ -25,6 +25,10 @@ def test_layering_order(tiny_root, tmp_path, monkeypatch):
     assert [p.split("/")[-1] for p in layered_prop_files("SASRec", "Tiny", "finetune", recbole_model=True)] == [
         "overall.yaml", "finetune.yaml", "recbole_models.yaml", "SASRec.yaml", "Tiny.yaml"]
     assert "recbole_models.yaml" not in " ".join(layered_prop_files("UniSRec", "Tiny", "finetune"))
+    (props / "SASRec.Tiny.yaml").write_text("train_batch_size: 96\n")  # a model's settings for one dataset
+    assert [p.split("/")[-1] for p in layered_prop_files("SASRec", "Tiny", "finetune", recbole_model=True)][-2:] == [
+        "Tiny.yaml", "SASRec.Tiny.yaml"]
+    assert "SASRec.Tiny.yaml" not in " ".join(layered_prop_files("GRU4Rec", "Tiny", "finetune", recbole_model=True))
     c = Config("SASRec", "Tiny", config_file_list=[str(extra)],
                cmd_overrides={"data_path": str(tiny_root), "learning_rate": "0.6"})
     assert c["learning_rate"] == 0.6          # command line beats everything
@@ -33,6 +37,7 @@ def test_layering_order(tiny_root, tmp_path, monkeypatch):
     assert c["epochs"] == 7                   # recbole_models.yaml (RecBole's own models) beats the stage yaml
     assert c["hidden_dropout_prob"] == 0.3
     assert c["hidden_size"] == 64             # RecBole's own SASRec default underneath
+    assert c["train_batch_size"] == 96        # props/<Model>.<dataset>.yaml beats props/<dataset>.yaml
     c2 = Config("SASRec", "Tiny", cmd_overrides={"data_path": str(tiny_root)})
     assert c2["learning_rate"] == 0.4         # <dataset>.yaml beats <Model>.yaml
 

@@ -87,6 +87,17 @@ def test_unisrec_beats_popularity_by_a_margin(demo_root, workdir):
     assert res["test"]["ndcg@10"] > 2 * pop, (res["test"]["ndcg@10"], pop)
 
 
+@pytest.mark.slow
+def test_pmmrec_beats_popularity_on_the_demo_with_its_demo_props(demo_root, workdir):
+    """props/PMMRec.demo.yaml (batch 64, lr 1e-4): with PMMRec.yaml's 512-user batch alone the demo
+    is one step per epoch and PMMRec stayed below popularity (issue 20)."""
+    pop = popularity_ndcg10(str(demo_root), "demo")
+    res = run("PMMRec", "demo", overrides={"data_path": str(demo_root), "use_gpu": False, "show_progress": False,
+                                            "state": "WARNING", "epochs": 12}, saved=False)
+    assert res["config"]["train_batch_size"] == 64 and res["config"]["learning_rate"] == 1e-4
+    assert res["test"]["ndcg@10"] > 1.5 * pop, (res["test"]["ndcg@10"], pop)
+
+
 MODELS = ["SASRec", "GRU4Rec", "BERT4Rec", "FDSA", "UniSRec", "MISSRec", "PMMRec", "Recformer", "ReoLM"]
 
 
