@@ -53,6 +53,7 @@ def test_recbole_trainer_reloads_its_own_checkpoint(tiny_root, workdir):
     assert 0.0 <= result["ndcg@10"] <= 1.0
 
 
+@pytest.mark.slow
 def test_recbole_quick_start_imports_without_pkg_resources():
     code = (
         "import importlib.util, recbole_mm;"
@@ -99,6 +100,7 @@ def test_empty_sequence_field_under_copy_on_write(tmp_path, workdir):
     assert ds.inter_feat["rating"].iloc[1] == pytest.approx(4.0)
 
 
+@pytest.mark.slow
 def test_importing_recbole_models_leaves_anomaly_detection_off():
     code = (
         "import torch, recbole_mm;"

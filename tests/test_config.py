@@ -71,6 +71,7 @@ def test_overrides_both_forms():
         parse_overrides(["stray"])
 
 
+@pytest.mark.slow
 def test_help_explains_every_flag():
     for script, flags in (("run_finetune.py", ["--model", "--dataset", "--pretrained", "--mode", "--config_files", "--resume"]),
                           ("run_pretrain.py", ["--model", "--dataset", "--nproc", "--config_files", "--resume"])):

@@ -78,6 +78,7 @@ def test_demo_that_cannot_be_written_is_a_one_line_error(tmp_path):
         ensure_demo(str(tmp_path / "afile" / "sub"), "demo")
 
 
+@pytest.mark.slow
 def test_unisrec_beats_popularity_by_a_margin(demo_root, workdir):
     pop = popularity_ndcg10(str(demo_root), "demo")
     res = run("UniSRec", "demo", mode="inductive",

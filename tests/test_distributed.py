@@ -106,6 +106,7 @@ def _assert_close(state, reference, what):
         torch.testing.assert_close(state[name], reference[name], rtol=1e-4, atol=2e-5, msg=lambda m: f"{what}: {name}: {m}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["UniSRec", "MISSRec", "PMMRec"])
 def test_two_processes_stay_in_sync_and_equal_one_process(model, tiny_root, tmp_path, single_process):
     ref_result, ref_state = single_process(model)
@@ -149,6 +150,7 @@ def failed_job(tiny_root, tmp_path_factory):
     return get
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["raise", "kill"])
 def test_a_failing_rank_ends_the_job(fault, failed_job):
     """The whole job ends, non-zero, within seconds; the launcher reports rank 1's failure as
@@ -166,6 +168,7 @@ def test_a_failing_rank_ends_the_job(fault, failed_job):
     assert resume["epoch"] == 0 and len(resume["rng_ranks"]) == 2
 
 
+@pytest.mark.slow
 def test_resume_after_a_rank_was_killed(tiny_root, failed_job, single_process):
     """``run_pretrain.py --nproc 2 --resume`` finishes the killed run from epoch 0's checkpoint
     and ends where one uninterrupted process ends."""

@@ -24,6 +24,7 @@ def _quiet(*args, **kwargs):
     pass
 
 
+@pytest.mark.slow
 def test_grid_report_failure_and_skip_on_second_invocation(tiny_root, workdir):
     kw = dict(dataset="Tiny", models="SASRec,GRU4Rec,NoSuchRec", seeds=2, overrides=_overrides(tiny_root),
               out=str(workdir / "results"), isolation="subprocess", log=_quiet)
@@ -105,6 +106,7 @@ def _children_pids():
     return [p.pid for p in psutil.Process().children()]
 
 
+@pytest.mark.slow
 def test_killed_cell_is_reported_and_resumes(tiny_root, workdir):
     ov = _overrides(tiny_root, epochs=6, stopping_step=100, train_batch_size=32)
     kw = dict(dataset="Tiny", models="SASRec,GRU4Rec", seeds=1, overrides=ov, out=str(workdir / "results"),
@@ -150,6 +152,7 @@ def test_killed_cell_is_reported_and_resumes(tiny_root, workdir):
     assert [h["train_loss"] for h in history[:k]] == [h["train_loss"] for h in seen["history"]]
 
 
+@pytest.mark.slow
 def test_cli_subprocess_cells_and_failure(tiny_root, workdir):
     from recbole_mm.cli import main
 
@@ -172,6 +175,7 @@ def test_cli_subprocess_cells_and_failure(tiny_root, workdir):
     assert (out / "Tiny.png").is_file()
 
 
+@pytest.mark.slow
 def test_cell_finished_by_another_process_meanwhile_is_not_run_again(tiny_root, workdir):
     """Two leaderboard processes sharing checkpoint_dir (e.g. one per GPU): a cell that the other
     one finished after this one planned it is skipped, not run twice."""

@@ -136,6 +136,7 @@ def test_inductive_has_no_id_parameters(tiny_root):
     assert trans.item_embedding.weight.shape == (trans.n_items, 300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("modal_type", ["img_text", "text", "img"])
 def test_each_modal_type_pretrains_and_finetunes(tiny_root, workdir, modal_type):
     pre = run("MISSRec", "Tiny,Tiny2", "pretrain",
@@ -184,6 +185,7 @@ def test_checkpoint_reloads_to_identical_scores(tiny_root, workdir):
     assert_reload_identical(MISSRec, cfg, ds, test, res)
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_missrec_learns_on_real_data_and_beats_popularity(shared_data, workdir):
     res = run(

@@ -345,6 +345,7 @@ def test_clip_text_tower(tmp_path, minilm):
     assert cli_main(["extract-text", "--dataset", str(folder), "--encoder", str(tmp_path / "nope")]) == 2
 
 
+@pytest.mark.slow
 def test_killed_extraction_resumes_byte_identical(tmp_path, minilm):
     full = _text_dataset(tmp_path / "a", n=240, seed=3)
     killed = _text_dataset(tmp_path / "b", n=240, seed=3)
@@ -370,6 +371,7 @@ def test_killed_extraction_resumes_byte_identical(tmp_path, minilm):
 
 
 # -- the shared raw and text-only data --------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.integration
 def test_real_amazon2023_domains_to_atomic_files_with_minilm(tmp_path_factory, shared_data, minilm, capsys):
     out = tmp_path_factory.mktemp("processed")
@@ -396,6 +398,7 @@ def test_real_amazon2023_domains_to_atomic_files_with_minilm(tmp_path_factory, s
     assert bool(ds.feature_presence["text"][1:].all())
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_shared_scientific_gets_minilm_features(tmp_path, shared_data, minilm):
     folder = tmp_path / "Scientific"

@@ -586,6 +586,7 @@ def test_end_to_end_with_the_real_minilm_text_encoder(tiny_root, e2e_assets):
 # -- real data ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_pmmrec_learns_on_real_data_and_beats_popularity(shared_data, workdir):
     # the default model (one row per user: 2,928 rows); batch 256 instead of 512: 12 steps per

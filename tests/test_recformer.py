@@ -252,6 +252,7 @@ def test_checkpoint_reload_identical_scores_and_stage2_from_it(tiny_root, tiny_b
     torch.testing.assert_close(stage2.item_embeddings, ckpt["state_dict"]["item_embeddings"])
 
 
+@pytest.mark.slow
 def test_pretrain_two_domains_then_transfer(tiny_root, tiny_bert, workdir):
     pre = run("Recformer", "Tiny,Tiny2", "pretrain", overrides=q(tiny_root, tiny_bert, epochs=2,
                                                                      run_name="pt", train_batch_size=32))
@@ -270,6 +271,7 @@ def test_pretrain_two_domains_then_transfer(tiny_root, tiny_bert, workdir):
     assert ft["params"]["trainable"] == ft["params"]["total"] and ft["test"]["ndcg@10"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_recformer_real_minilm_on_scientific(shared_data, workdir):
     """The real all-MiniLM-L6-v2 (default backbone_path) on Scientific_mm: equal to

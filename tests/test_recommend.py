@@ -316,6 +316,7 @@ def test_cli_help_explains_every_flag():
 
 
 # -- real data ---------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.integration
 def test_reloaded_unisrec_reproduces_the_evaluators_top10_on_scientific(shared_data, workdir):
     res = run(

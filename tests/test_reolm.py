@@ -207,6 +207,7 @@ def _expected_trainable(n_layers):
     return sorted(names + ["img_proj.0.weight", "img_proj.0.bias", "img_proj.2.weight", "img_proj.2.bias", "void_img_emb"])
 
 
+@pytest.mark.slow
 def test_pretrain_then_transfer_trains_everything_or_adapters_with_fix_enc(tiny_root, tiny_bert, workdir):
     """Released fine-tuning (REFinetuneWrapper) trains every parameter; fix_enc: True only the
     adapters, gates and image projection (by name)."""
@@ -288,6 +289,7 @@ def test_without_image_features_every_item_gets_the_placeholder(tiny_root, tiny_
     with_images.load_state_dict(model.state_dict())  # same parameters: the checkpoint transfers
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_reolm_real_minilm_on_scientific(shared_data, workdir):
     """The real all-MiniLM-L6-v2 with the CLIP image features of Scientific_mm: a few steps

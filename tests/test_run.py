@@ -60,6 +60,7 @@ def _cli(args, cwd, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path):
     root = tmp_path / "data"
     make_dataset(root, "Mid", n_users=500, n_items=60, seq_len=(6, 14), seed=3)
@@ -120,13 +121,15 @@ def test_resume_of_an_early_stopped_run_trains_no_further(tiny_root, workdir, mo
     assert again["test"] == first["test"]
 
 
-@pytest.mark.parametrize("model", ["GRU4Rec", "BERT4Rec", "NARM", "Caser", "FDSA", "LightSANs"])
+@pytest.mark.parametrize("model", ["GRU4Rec", "BERT4Rec", "NARM", pytest.param("Caser", marks=pytest.mark.slow), "FDSA",
+                                   "LightSANs"])
 def test_recbole_baselines_run_through_our_cli(model, tiny_root, workdir):
     result = run(model, "Tiny", overrides=quick(tiny_root, epochs=1))
     assert set(result["test"]) >= {"recall@10", "ndcg@10", "mrr@10"}
     assert 0.0 <= result["test"]["ndcg@10"] <= 1.0
 
 
+@pytest.mark.slow
 def test_s3rec_pretrain_then_finetune(tiny_root, workdir):
     pre = run("S3Rec", "Tiny", stage="pretrain", overrides=quick(tiny_root, epochs=1, train_stage="pretrain"))
     assert pre["valid"] is None and os.path.isfile(pre["checkpoint"])

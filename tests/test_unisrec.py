@@ -121,6 +121,7 @@ def test_item_table_computed_once_per_evaluation(tiny_root, workdir, monkeypatch
     assert len(calls) == 2
 
 
+@pytest.mark.slow
 def test_pretrain_on_two_domains_then_transfer_freezes_reference_parameters(tiny_root, workdir):
     pre = run("UniSRec", "Tiny,Tiny2", "pretrain", overrides=quick(tiny_root, epochs=3, run_name="pt"))
     losses = [h["train_loss"] for h in pre["history"]]
@@ -166,6 +167,7 @@ def test_checkpoint_reloads_to_identical_scores(tiny_root, workdir):
     assert_reload_identical(UniSRec, cfg, ds, test, res)  # and it reproduces the run's test metrics
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_unisrec_learns_on_real_data_and_beats_popularity(shared_data, workdir):
     res = run(
