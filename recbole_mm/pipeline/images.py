@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import json
 import os
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -422,16 +421,7 @@ def _fetch(url: str, dest: str, retries: int, timeout: float, backoff: float) ->
             continue
         if not _is_image(r.content):
             return f"not an image ({r.headers.get('Content-Type', 'no Content-Type')})"
-        fd, tmp = tempfile.mkstemp(prefix=".dl-", suffix=".tmp", dir=os.path.dirname(dest))
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(r.content)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, dest)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        atomic_write(dest, r.content, fsync=False)  # many small files: no fsync each
         return None
     return error
 
@@ -441,7 +431,7 @@ def _remove_stale_temps(output: str, age_s: float = 3600.0) -> None:
     now = time.time()
     with os.scandir(output) as it:
         for e in it:
-            if e.name.startswith(".dl-") and e.name.endswith(".tmp") and now - e.stat().st_mtime > age_s:
+            if e.name.startswith(".") and ".tmp-" in e.name and now - e.stat().st_mtime > age_s:  # atomic_write's
                 with contextlib.suppress(OSError):
                     os.unlink(e.path)
 
