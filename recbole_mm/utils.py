@@ -16,6 +16,7 @@ _MODEL_MODULES = {
     "ReoLM": "reolm",
     "VQRec": "vqrec",
     "Popularity": "popularity",  # the baseline every model must beat (items by training count)
+    "TextSim": "textsim",  # the content baseline: cosine of item features to the last history item(s)
 }
 
 

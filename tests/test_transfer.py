@@ -129,6 +129,57 @@ def test_a_cell_is_claimed_by_one_process_at_a_time(tmp_path):
     release(cell)
 
 
+def test_textsim_ranks_by_the_cosine_to_the_last_items(tiny_root, workdir):
+    res = run("TextSim", "Tiny", overrides={k: v for k, v in quick(tiny_root).items() if k != "epochs"})
+    assert res["steps"] == 0 and res["history"] == []  # epochs 0 (props): nothing trained, nothing to train
+    cfg = Config("TextSim", "Tiny", "finetune", cmd_overrides={k: str(v) for k, v in quick(tiny_root).items()})
+    ds = create_dataset(cfg)
+    train, _, test = data_preparation(cfg, ds)
+    batch = next(iter(test))[0]
+    seq, lengths = batch["item_id_list"], batch["item_length"]
+    feats = torch.nn.functional.normalize(ds.features["text"].float(), dim=1)
+
+    def expected(window):
+        rows = []
+        for s, n in zip(seq, lengths):
+            q = torch.nn.functional.normalize(feats[s[max(0, n - window):n]].sum(0), dim=0)
+            rows.append(feats @ q)
+        return torch.stack(rows)
+
+    for window in (1, 3):
+        cfg["textsim_window"] = window
+        model = get_model("TextSim")(cfg, train._dataset)
+        scores = model.full_sort_predict(batch)
+        assert torch.allclose(scores, expected(window), atol=1e-5)
+        pos = batch["item_id"]
+        assert torch.allclose(model.predict(batch), scores[torch.arange(len(pos)), pos], atol=1e-6)
+    # the last item itself is its own nearest item (cosine 1)
+    last = seq[torch.arange(len(seq)), lengths - 1]
+    cfg["textsim_window"] = 1
+    scores = get_model("TextSim")(cfg, train._dataset).full_sort_predict(batch)
+    assert torch.allclose(scores[torch.arange(len(seq)), last], torch.ones(len(seq)), atol=1e-5)
+    # two modalities: the mean of the two cosines
+    both = Config("TextSim", "Tiny", "finetune", cmd_overrides={
+        **{k: str(v) for k, v in quick(tiny_root).items()}, "img_suffix": "feat3CLS", "textsim_modalities": "text,image"})
+    ds2 = create_dataset(both)
+    tr2, _, te2 = data_preparation(both, ds2)
+    b2 = next(iter(te2))[0]
+    m2 = get_model("TextSim")(both, tr2._dataset)
+    img = torch.nn.functional.normalize(ds2.features["image"].float(), dim=1)
+    txt = torch.nn.functional.normalize(ds2.features["text"].float(), dim=1)
+    last2 = b2["item_id_list"][torch.arange(len(b2["item_id"])), b2["item_length"] - 1]
+    want = (txt[last2] @ txt.T + img[last2] @ img.T) / 2
+    assert torch.allclose(m2.full_sort_predict(b2), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad, message", [({"textsim_window": 0}, "textsim_window"),
+                                          ({"textsim_modalities": "audio"}, "textsim_modalities"),
+                                          ({"textsim_modalities": "image"}, "img_suffix")])
+def test_textsim_bad_settings_are_named(tiny_root, workdir, bad, message):
+    with pytest.raises(Exception, match=message):
+        run("TextSim", "Tiny", overrides=quick(tiny_root, **bad), saved=False)
+
+
 @pytest.mark.slow
 def test_transfer_end_to_end_writes_the_report_and_skips_finished_cells(tmp_path, workdir):
     make_dataset(tmp_path / "pt", "DomA", n_users=80, n_items=30, seed=3)
@@ -146,7 +197,7 @@ def test_transfer_end_to_end_writes_the_report_and_skips_finished_cells(tmp_path
     assert all(c.status == "finished" for c in cells), [(c.label, c.error) for c in cells if c.status != "finished"]
     kinds = sorted((getattr(c, "kind", "pretrain"), c.fraction if hasattr(c, "fraction") else None, bool(c.pretrained))
                    for c in cells)
-    assert kinds == sorted([("pretrain", None, False), ("popularity", 0.5, False),
+    assert kinds == sorted([("pretrain", None, False), ("popularity", 0.5, False), ("content", 1.0, False),
                             ("zero-shot", 1.0, False), ("zero-shot", 1.0, True),
                             ("finetune", 0.5, False), ("finetune", 0.5, True), ("curve", 0.5, True)])
     pt = plan.pretrain[0]
@@ -162,7 +213,7 @@ def test_transfer_end_to_end_writes_the_report_and_skips_finished_cells(tmp_path
     md = open(res["paths"]["Tiny"]["md"]).read()
     assert "| UniSRec | inductive | 50% |" in md
     assert "UniSRec pre-trained, no fine-tuning | inductive" in md and "UniSRec untrained (random init)" in md
-    assert "| Popularity | - | 50% |" in md and "pre-training UniSRec on DomA + DomB: 2 epoch(s)" in md
+    assert "| Popularity | - | 50% |" in md and "| TextSim | - | 100% |" in md and "pre-training UniSRec on DomA + DomB: 2 epoch(s)" in md
     assert "## Pre-training length" in md and "| UniSRec | inductive | 50% | 1 |" in md
     assert "| UniSRec | inductive | 50% | 2 (transferred) |" in md
     scratch = [c for c in plan.finetune if not c.pretrained][0]

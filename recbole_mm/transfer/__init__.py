@@ -25,7 +25,9 @@ hash of its resolved config, skipped when its result file exists, continued from
   ``stopping_min_steps``); best epochs and steps are reported next to the metrics.
 * **zero-shot**, for every model with an inductive mode: the pre-trained model evaluated on
   the target with no training (``epochs=0``), next to the same architecture untrained;
-* **popularity** (``Popularity``: items by their training count), per fraction.
+* **popularity** (``Popularity``: items by their training count), per fraction;
+* **content** (``TextSim``: items by the cosine of their text features to the user's last item,
+  no training), per target: what the item text alone ranks, the bar of a zero-shot model.
 
 Outputs in ``--out``: ``transfer-<target>.md`` (scratch vs pre-trained side by side per
 model, mode and fraction: mean +- sample std over seeds, the difference, whether it exceeds

@@ -17,7 +17,7 @@ class TransferPlan:
     pretrain: list[Cell]          # one per model
     finetune: list[Cell]          # scratch and pre-trained, every target/mode/fraction/seed
     zero_shot: list[Cell]         # epochs=0: pre-trained and untrained
-    baselines: list[Cell]         # Popularity per target and fraction
+    baselines: list[Cell]         # Popularity per target and fraction; TextSim per target
     notes: list[str]
 
 
@@ -118,6 +118,10 @@ def plan_targets(models, targets, modes, fractions, seeds, lm_seeds, overrides, 
             base += _tag(lb.plan(target, ["Popularity"], None, None, [seeds[0]] if isinstance(seeds, list) else 1,
                                  None, ov, config_files, None)[0], dataset=target, fraction=f, kind="popularity",
                          pt_epoch=None)
+        # the content bar: no training, no training rows read, so one run per target (all users)
+        base += _tag(lb.plan(target, ["TextSim"], None, None, [seeds[0]] if isinstance(seeds, list) else 1,
+                             None, dict(overrides), config_files, None)[0], dataset=target, fraction=1.0,
+                     kind="content", pt_epoch=None)
         if zero_shot:
             inductive = [m for m in models if "inductive" in (lb.supported_modes(get_model(m)) or ())]
             pretrained = [f"{m}={checkpoint_of(ready[get_model(m).__name__])}" for m in inductive

@@ -159,10 +159,11 @@ def render_markdown(target, plan: TransferPlan, command, settings) -> str:
             f"{r['scratch_n']}+{r['pretrained_n']}", _status(r)]) + " |")
     single = _single_rows(target, plan.zero_shot) + _single_rows(target, plan.baselines)
     if single:
-        lines += ["", "## Zero-shot and popularity", "",
+        lines += ["", "## Zero-shot and baselines", "",
                   "Zero-shot: the model evaluated on the target with no training on it (`epochs=0`); the untrained "
                   "row is the same architecture freshly initialised. Popularity: items by their count as training "
-                  "targets of the (kept) training users.", "",
+                  "targets of the (kept) training users. TextSim: items by the cosine of their text features to the "
+                  "user's last item (no training, no parameter): what the text alone ranks.", "",
                   "| method | mode | train users | NDCG@10 | Recall@10 | seeds |", "|---|---|---|---|---|---|"]
         for label, mode, f, cs in single:
             lines.append(f"| {label} | {mode} | {f:.0%} | {_ms(_metric(cs, DEFAULT_METRIC))} | "

@@ -13,7 +13,7 @@ from recbole_mm.transfer.report import write_transfer_report
 def _priority(c: Cell):
     """Run order: what the comparison needs first (cheap rows, then small training sets, then
     inductive before transductive, scratch before pre-trained within a seed)."""
-    kind = {"popularity": 0, "zero-shot": 1, "finetune": 2, "curve": 3}.get(getattr(c, "kind", ""), 4)
+    kind = {"popularity": 0, "content": 0, "zero-shot": 1, "finetune": 2, "curve": 3}.get(getattr(c, "kind", ""), 4)
     return (kind, getattr(c, "fraction", 1.0), c.mode_label != "inductive", c.seed or 0, bool(c.pretrained))
 
 
