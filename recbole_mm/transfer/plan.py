@@ -93,6 +93,7 @@ def plan_targets(models, targets, modes, fractions, seeds, lm_seeds, overrides, 
     # a numbered checkpoint is final once it exists (the run's <run>.pth is rewritten every epoch)
     ready = {c.model: c for c in pre_cells if c.run_name and os.path.isfile(checkpoint_of(c))}
     finetune, zs, base, notes = [], [], [], []
+    first_seed = [seeds[0]] if isinstance(seeds, list) else 1  # baselines: one run (no seed dependence)
     for c in pre_cells:
         if c.model not in ready:
             notes.append(f"{c.model}: no checkpoint after {getattr(c, 'transfer_epoch', '?')} pre-training epochs yet "
@@ -115,13 +116,12 @@ def plan_targets(models, targets, modes, fractions, seeds, lm_seeds, overrides, 
                     cells, _ = lb.plan(target, [], "inductive", curve_pt, seeds, lm_seeds, ov, config_files,
                                        model_overrides)
                     finetune += _tag(cells, dataset=target, fraction=f, kind="curve", pt_epoch=epoch)
-            base += _tag(lb.plan(target, ["Popularity"], None, None, [seeds[0]] if isinstance(seeds, list) else 1,
+            base += _tag(lb.plan(target, ["Popularity"], None, None, first_seed,
                                  None, ov, config_files, None)[0], dataset=target, fraction=f, kind="popularity",
                          pt_epoch=None)
         # the content bar: no training, no training rows read, so one run per target (all users)
-        base += _tag(lb.plan(target, ["TextSim"], None, None, [seeds[0]] if isinstance(seeds, list) else 1,
-                             None, dict(overrides), config_files, None)[0], dataset=target, fraction=1.0,
-                     kind="content", pt_epoch=None)
+        base += _tag(lb.plan(target, ["TextSim"], None, None, first_seed, None, overrides, config_files, None)[0],
+                     dataset=target, fraction=1.0, kind="content", pt_epoch=None)
         if zero_shot:
             inductive = [m for m in models if "inductive" in (lb.supported_modes(get_model(m)) or ())]
             pretrained = [f"{m}={checkpoint_of(ready[get_model(m).__name__])}" for m in inductive
