@@ -230,3 +230,25 @@ def test_transfer_end_to_end_writes_the_report_and_skips_finished_cells(tmp_path
     again_cells = again.pretrain + again.finetune + again.zero_shot + again.baselines
     assert len(again_cells) == len(cells) and all(c.status == "skipped" and not c.ran for c in again_cells)
     assert stamps == {c.run_name: os.path.getmtime(c.result_file) for c in again_cells}
+
+
+def test_pt_set_epochs_gives_one_model_its_own_pretraining_length(tmp_path, workdir):
+    """``--pt-set MODEL:epochs=N``: that model pre-trains N epochs (its run, hence its hash, as a run
+    planned with N alone) and transfers min(--pt-epochs, N); the others follow --pt-epochs/--curve."""
+    from recbole_mm.leaderboard import LeaderboardError
+    from recbole_mm.transfer.plan import checkpoint_of, plan_pretrain
+
+    make_dataset(tmp_path / "pt", "DomA", n_users=40, n_items=20, seed=3)
+    ov = {k: str(v) for k, v in quick(tmp_path / "pt").items()}
+    kw = dict(corpus="DomA", pretrain_path=str(tmp_path / "pt"), overrides=ov, config_files=None)
+    uni, ids = plan_pretrain(["UniSRec", "SASRec"], pt_overrides={"SASRec": {"epochs": "3"}}, pt_epochs=3,
+                            curve=[1, 3, 10], **kw)
+    assert uni.overrides["epochs"] == "10" and uni.transfer_epoch == 3
+    assert ids.overrides["epochs"] == "3" and ids.transfer_epoch == 3
+    (short,) = plan_pretrain(["SASRec"], pt_overrides={"SASRec": {"epochs": "2"}}, pt_epochs=3, curve=[1, 3], **kw)
+    assert short.transfer_epoch == 2 and checkpoint_of(short).endswith("-2.pth")
+    # the same length reached through --pt-epochs/--curve alone is the same run (its checkpoints are reused)
+    (same,) = plan_pretrain(["SASRec"], pt_overrides={}, pt_epochs=1, curve=[1, 3], **kw)
+    assert same.run_name == ids.run_name and same.transfer_epoch == 1
+    with pytest.raises(LeaderboardError, match="--pt-set SASRec:epochs"):
+        plan_pretrain(["SASRec"], pt_overrides={"SASRec": {"epochs": "zero"}}, pt_epochs=3, curve=[], **kw)

@@ -59,10 +59,12 @@ def register(sub) -> None:
                    help=f"seeds for the language-model recommenders ({', '.join(language_models())}); default: --seeds")
     p.add_argument("--pt-epochs", "--pt_epochs", dest="pt_epochs", type=int, default=None, metavar="N",
                    help="the transferred checkpoint is the one after N pre-training epochs (default: "
-                        "props/pretrain.yaml's epochs)")
+                        "props/pretrain.yaml's epochs; a model pre-trained for fewer with --pt-set "
+                        "MODEL:epochs=M transfers its last, M)")
     p.add_argument("--curve", default=None, metavar="E1,E2,...",
                    help="also fine-tune (inductive) from the checkpoints after these pre-training epochs "
-                        "(pre-training runs to the longest of --pt-epochs and these)")
+                        "(pre-training runs to the longest of --pt-epochs and these; --pt-set MODEL:epochs=M "
+                        "sets one model's length instead, and its curve stops at M)")
     p.add_argument("--min-steps", "--min_steps", dest="min_steps", type=int, default=200, metavar="N",
                    help="early stopping cannot end a fine-tuning run before N optimiser steps (default 200)")
     p.add_argument("--no-zero-shot", dest="zero_shot", action="store_false", help="no zero-shot rows")

@@ -50,7 +50,10 @@ def plan_pretrain(models, corpus, pretrain_path, overrides, pt_overrides, config
         ov = dict(overrides, **own)
         ov["data_path"] = pretrain_path
         ov["save_step"] = "1"  # <run>-<n>.pth after every epoch: final once written, usable while it goes on
-        if pt_epochs or curve:  # long enough for the transferred checkpoint and every point of the curve
+        own_length = _own_epochs(cls.__name__, own)
+        if own_length is not None:  # --pt-set MODEL:epochs=N: this model pre-trains N epochs, whatever the others do
+            ov["epochs"] = str(own_length)
+        elif pt_epochs or curve:  # long enough for the transferred checkpoint and every point of the curve
             base_epochs = pt_epochs or int(build_config(cls, corpus, "pretrain", None, config_files,
                                                         overrides=ov)["epochs"])
             ov["epochs"] = str(max([int(base_epochs), *curve]))
@@ -64,11 +67,24 @@ def plan_pretrain(models, corpus, pretrain_path, overrides, pt_overrides, config
             cell.checkpoint_dir = str(config["checkpoint_dir"] or "saved")
             cell.run_name = lb._safe(f"tr-pt-{cls.__name__}-{corpus.replace(',', '+')}-{cell.config_hash}")
             cell.overrides["run_name"] = cell.run_name
-            cell.transfer_epoch = int(pt_epochs or config["epochs"])
+            cell.transfer_epoch = min(int(pt_epochs or config["epochs"]), int(config["epochs"]))
         except Exception as e:  # noqa: BLE001 - a cell's failure is reported, the others go on
             cell.status, cell.error = "failed", lb._one_line(e)
         cells.append(cell)
     return cells
+
+
+def _own_epochs(model: str, own: dict) -> int | None:
+    """A model's own pre-training length (``--pt-set MODEL:epochs=N``), or None."""
+    if "epochs" not in own:
+        return None
+    try:
+        n = int(own["epochs"])
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1:
+        raise LeaderboardError(f"--pt-set {model}:epochs: a whole number >= 1, got {own['epochs']!r}")
+    return n
 
 
 def checkpoint_of(cell: Cell, epoch: int | None = None) -> str:
