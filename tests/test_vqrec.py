@@ -235,3 +235,45 @@ def test_cli_reports_bad_code_settings_and_missing_faiss_in_one_line(tiny_root, 
     assert main(argv + ["--code_cap=16", "--codes_dir", str(workdir)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pip install faiss-cpu" in err[0]
+
+
+def test_transfer_codes_pretrained_keeps_the_checkpoints_quantiser(tiny_root, workdir):
+    """``transfer_codes: pretrained`` (the reference's ``index_pretrain_dataset``): the downstream
+    items are encoded by the pre-training quantiser, no re-assignment, the encoder frozen at once,
+    and the codes (so the zero-shot scores) are those of the checkpoint's quantiser."""
+    from recbole_mm.data.codes import encode
+
+    pre = run("VQRec", "Tiny,Tiny2", "pretrain", overrides=quick(tiny_root, epochs=2, run_name="pt", **CODES))
+    state = load_checkpoint(pre["checkpoint"])["state_dict"]
+    model, _, _ = _model(tiny_root, transfer_codes="pretrained", reassign_steps=2)
+    fitted = {k: v.clone() for k, v in model.quantiser().items()}
+    model.load_pretrained(state)
+    assert torch.equal(model.quantiser_centroids, state["quantiser_centroids"])
+    assert not torch.equal(model.quantiser_centroids, fitted["centroids"])  # Tiny's own fit differs
+    raw = encode(model.text_features, model.quantiser())
+    assert torch.equal(model.pq_codes[1:], raw[1:] + 1 + torch.arange(4) * 17)
+    torch.testing.assert_close(model.pq_code_embedding.weight, state["pq_code_embedding.weight"])
+    model.on_epoch_start(0)  # no re-assignment phase: the code embeddings are used as pre-trained
+    assert not model.reassigning and not model.trans_matrix.requires_grad
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == set(model.frozen_on_transfer()) | {"trans_matrix"}
+
+    target, _, _ = _model(tiny_root, reassign_steps=2)  # the default: Tiny's own codes, re-assigned
+    target.load_pretrained(state)
+    assert torch.equal(target.quantiser_centroids, fitted["centroids"]) and target._uses_reassignment()
+
+    zs = run("VQRec", "Tiny", mode="inductive", pretrained=pre["checkpoint"],
+             overrides=quick(tiny_root, epochs=0, transfer_codes="pretrained", run_name="zs", **CODES))
+    assert zs["test"]["ndcg@10"] > popularity_ndcg10(tiny_root, "Tiny")
+
+
+def test_a_new_key_at_its_neutral_default_keeps_finished_cells(tiny_root):
+    from recbole_mm.leaderboard.plan import HASH_NEUTRAL, config_hash
+
+    cfg = build_config("VQRec", "Tiny", mode="inductive", config_dict=quick(tiny_root, **CODES))
+    assert cfg["transfer_codes"] == HASH_NEUTRAL["transfer_codes"] == "target"
+    before = config_hash(cfg, None)
+    del cfg.final_config_dict["transfer_codes"]  # a run planned before the key existed
+    assert config_hash(cfg, None) == before
+    cfg.final_config_dict["transfer_codes"] = "pretrained"
+    assert config_hash(cfg, None) != before

@@ -21,6 +21,12 @@ HASH_EXCLUDE = frozenset({
     "encoding",  # how a byte-order mark is read, not what is trained: cells of earlier runs stay finished
 })
 
+# config keys added after runs were cached, with the value that reproduces what those runs computed:
+# at that value a key is left out of the hash, so adding an option does not orphan finished cells
+HASH_NEUTRAL = {
+    "transfer_codes": "target",  # VQRec: the target's own quantiser (the only behaviour before the key)
+}
+
 METRIC_ORDER = ("recall", "ndcg", "mrr", "hit", "precision", "map")
 METRIC_NAMES = {"recall": "Recall", "ndcg": "NDCG", "mrr": "MRR", "hit": "Hit", "precision": "Precision",
                 "map": "MAP"}
@@ -139,7 +145,8 @@ def supported_modes(cls) -> tuple[str, ...] | None:
 def config_hash(config, pretrained: str | None) -> str:
     from recbole_mm.config import config_to_plain
 
-    plain = {k: v for k, v in config_to_plain(config).items() if k not in HASH_EXCLUDE}
+    plain = {k: v for k, v in config_to_plain(config).items()
+             if k not in HASH_EXCLUDE and not (k in HASH_NEUTRAL and v == HASH_NEUTRAL[k])}
     plain["data_root"] = os.path.realpath(str(config["data_path"]))
     if pretrained:
         plain["__pretrained__"] = [os.path.realpath(pretrained),

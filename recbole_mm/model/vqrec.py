@@ -51,6 +51,7 @@ from torch import nn
 
 from recbole_mm.data.codes import QUANTISER_KEYS, dataset_codes, encode
 from recbole_mm.distributed import gather_in_batch
+from recbole_mm.errors import CheckpointError
 from recbole_mm.model.abstract import MMSequentialRecommender, one_of, required
 from recbole_mm.model.layers import Packing, config_transformer_encoder, packed_encoder, same_target_mask
 
@@ -108,6 +109,7 @@ class VQRec(MMSequentialRecommender):
         if self.permutation not in ("straight_through", "reference"):
             raise ValueError(f"VQRec: permutation must be 'straight_through' or 'reference', got {self.permutation!r}")
         self.scratch_reassign = bool(config["scratch_reassign"])
+        self.transfer_codes = one_of(config, "transfer_codes", ("target", "pretrained"), self)
         self.contrastive_mask = required(config, "contrastive_mask")
         self.fix_enc = bool(config["fix_enc"])
         self.initializer_range = config["initializer_range"]
@@ -186,8 +188,17 @@ class VQRec(MMSequentialRecommender):
 
     # -- re-assignment (fine-tuning from a checkpoint) --------------------------------------
     def load_transferable(self, state_dict: dict) -> None:
-        """The pre-trained weights but not the quantiser: the downstream data has its own codes."""
-        keep = {k: v for k, v in state_dict.items() if not k.startswith("quantiser_") and k != "trans_matrix"}
+        """The pre-trained weights.  ``transfer_codes: target`` (the reference's default): not the
+        quantiser, the downstream data keeps its own codes and the code embeddings are re-assigned.
+        ``pretrained`` (the reference's ``index_pretrain_dataset``): the checkpoint's quantiser
+        encodes the downstream items, so each code keeps its pre-trained meaning: no re-assignment,
+        and the model scores a new catalogue zero-shot."""
+        own_codes = self.transfer_codes == "target"
+        keep = {k: v for k, v in state_dict.items()
+                if k != "trans_matrix" and not (own_codes and k.startswith("quantiser_"))}
+        if not own_codes and not any(k.startswith("quantiser_") for k in keep):
+            raise CheckpointError("VQRec: transfer_codes: pretrained needs a checkpoint that holds its quantiser "
+                                  "(quantiser_* buffers); this one has none")
         super().load_transferable(keep)
         self.pretrained = True
 
@@ -199,7 +210,11 @@ class VQRec(MMSequentialRecommender):
         return [n for n, _ in self.named_parameters() if n.startswith(("position_embedding.", "trm_encoder."))]
 
     def _uses_reassignment(self) -> bool:
-        return self.train_stage != "pretrain" and self.reassign_steps > 0 and (self.pretrained or self.scratch_reassign)
+        if self.train_stage == "pretrain" or self.reassign_steps <= 0:
+            return False
+        if self.pretrained:  # the checkpoint's own codes need no re-assignment
+            return self.transfer_codes == "target"
+        return self.scratch_reassign
 
     def on_epoch_start(self, epoch: int, train_data=None) -> None:
         """Epochs ``< reassign_steps``: only the permutation trains; at ``reassign_steps`` the
