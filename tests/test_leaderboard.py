@@ -86,6 +86,9 @@ def test_plan_modes_seeds_and_names(tiny_root, workdir):
     other, _ = plan("Tiny", "SASRec", seeds=1, overrides=dict(ov, hidden_size="32"))
     assert other[0].run_name != names[0]
     assert parse_seeds("3") == [2020, 2021, 2022] and parse_seeds("1,7") == [1, 7]
+    assert parse_seeds("2020,") == [2020]  # one seed given as a list
+    with pytest.raises(LeaderboardError, match=r"count of seeds .* --seeds 2020,"):  # not 2020 runs
+        parse_seeds("2020")
     # --set MODEL:key=value reaches only that model's cells (and so changes only their names)
     mo = parse_model_overrides(["UniSRec:hidden_size=32", "UniSRec:--epochs=3"])
     assert mo == {"UniSRec": {"hidden_size": "32", "epochs": "3"}}

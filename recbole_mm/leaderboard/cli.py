@@ -54,7 +54,7 @@ def register(sub) -> None:
     p.add_argument("--pretrained", "-p", action="append", default=[], metavar="MODEL=CKPT",
                    help="also fine-tune MODEL from this pre-trained checkpoint (repeatable)")
     p.add_argument("--seeds", default="3", metavar="N|S1,S2,...",
-                   help="seeds per cell: a count (from --seed, default 2020) or a list (default: 3)")
+                   help="seeds per cell: a count N (at most 100, from --seed, default 2020) or a list; one seed: S1, (default: 3)")
     p.add_argument("--lm-seeds", "--lm_seeds", dest="lm_seeds", default=None, metavar="N|S1,...",
                    help=f"seeds for the language-model recommenders ({', '.join(language_models())}); default: --seeds")
     p.add_argument("--set", action="append", default=[], metavar="MODEL:key=value", dest="model_set",

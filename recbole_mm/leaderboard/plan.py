@@ -81,6 +81,9 @@ class Cell:
 
 # -- planning -----------------------------------------------------------------------------
 
+MAX_SEED_COUNT = 100
+
+
 def parse_seeds(value, base: int = DEFAULT_SEED) -> list[int]:
     """``"3"`` -> ``[base, base+1, base+2]``; ``"1,7,42"`` -> ``[1, 7, 42]``."""
     if isinstance(value, int):
@@ -100,6 +103,9 @@ def parse_seeds(value, base: int = DEFAULT_SEED) -> list[int]:
             raise LeaderboardError(f"--seeds: a count or a comma-separated list of integers, got {value!r}") from None
     if n < 1:
         raise LeaderboardError(f"--seeds must be >= 1, got {n}")
+    if n > MAX_SEED_COUNT:  # almost surely a seed meant as one: refuse rather than plan thousands of runs
+        raise LeaderboardError(f"--seeds {n}: a single number is a count of seeds (at most {MAX_SEED_COUNT}); "
+                               f"to run the one seed {n}, give a list: --seeds {n},")
     return [base + i for i in range(n)]
 
 

@@ -54,7 +54,7 @@ def register(sub) -> None:
                    help="transfer modes, one row each (default: each model's props)")
     p.add_argument("--fraction", default="1.0", metavar="F1,F2",
                    help="fractions of the target's training users (config train_fraction), e.g. 1.0,0.1 (default 1.0)")
-    p.add_argument("--seeds", default="3", metavar="N|S1,S2,...", help="seeds per cell (default 3: 2020, 2021, 2022)")
+    p.add_argument("--seeds", default="3", metavar="N|S1,S2,...", help="seeds per cell: a count N (at most 100; default 3: 2020, 2021, 2022) or a list; one seed: S1,")
     p.add_argument("--lm-seeds", "--lm_seeds", dest="lm_seeds", default=None, metavar="N|S1,...",
                    help=f"seeds for the language-model recommenders ({', '.join(language_models())}); default: --seeds")
     p.add_argument("--pt-epochs", "--pt_epochs", dest="pt_epochs", type=int, default=None, metavar="N",
