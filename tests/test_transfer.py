@@ -252,3 +252,35 @@ def test_pt_set_epochs_gives_one_model_its_own_pretraining_length(tmp_path, work
     assert same.run_name == ids.run_name and same.transfer_epoch == 1
     with pytest.raises(LeaderboardError, match="--pt-set SASRec:epochs"):
         plan_pretrain(["SASRec"], pt_overrides={"SASRec": {"epochs": "zero"}}, pt_epochs=3, curve=[], **kw)
+
+
+def test_report_shows_the_latest_curve_point_while_the_transferred_checkpoint_is_missing():
+    """Pre-training stopped before --pt-epochs: the main table's pre-trained arm is the latest
+    curve point with results, labelled with its epoch, not an empty cell."""
+    from recbole_mm.transfer.plan import TransferPlan
+    from recbole_mm.transfer.report import comparison_rows, render_markdown
+
+    def cell(seed, pretrained, kind, pt_epoch, ndcg):
+        c = Cell("UniSRec", "inductive", pretrained, seed, mode_label="inductive", dataset="T", status="finished",
+                 result={"test": {"ndcg@10": ndcg, "recall@10": 2 * ndcg}, "best_epoch": 3, "best_step": 6})
+        c.kind, c.fraction, c.pt_epoch = kind, 0.1, pt_epoch
+        return c
+
+    scratch = [cell(s, None, "finetune", None, 0.040 + 0.001 * i) for i, s in enumerate((1, 2, 3))]
+    one = [cell(s, "pt-1.pth", "curve", 1, 0.050 + 0.001 * i) for i, s in enumerate((1, 2, 3))]
+    two = [cell(1, "pt-2.pth", "curve", 2, 0.060)]  # one seed of the later point finished
+    two[0].result = None
+    two += [cell(2, "pt-2.pth", "curve", 2, 0.061)]
+    pre = Cell("UniSRec", None, None, 2020, stage="pretrain", dataset="A,B")
+    pre.transfer_epoch = 3
+    plan = TransferPlan(pretrain=[pre], finetune=scratch + one + two, zero_shot=[], baselines=[], notes=[])
+    (row,) = comparison_rows("T", plan)
+    assert row["stand_in"] and row["pt_epoch"] == 2 and row["pretrained_n"] == 1
+    assert row["pretrained_ndcg@10"][0] == pytest.approx(0.061)
+    md = render_markdown("T", plan, "cmd", {"corpus": "A,B", "seeds": [1, 2, 3], "min_steps": 200})
+    assert "| 0.0610 (2 ep.) |" in md and "the checkpoint after 2 epoch(s)" in md
+    assert "2 (transferred)" not in md and "3 (transferred)" not in md  # the curve lists what was measured
+    # once the transferred checkpoint's cells exist, they are the pre-trained arm
+    plan.finetune += [cell(s, "pt-3.pth", "finetune", None, 0.07) for s in (1, 2, 3)]
+    (row,) = comparison_rows("T", plan)
+    assert not row["stand_in"] and row["pretrained_n"] == 3

@@ -44,9 +44,24 @@ def comparison_rows(target, plan: TransferPlan, kind="finetune") -> list[dict]:
         for (model, mode, f, ep), g in groups.items():
             g["scratch"] = [c for c in plan.finetune if c.dataset == target and c.kind == "finetune"
                             and not c.pretrained and c.model == model and c.mode_label == mode and c.fraction == f]
+    stand_in = {}
+    if kind == "finetune":  # no transferred checkpoint yet: the latest curve point with results stands in
+        for (model, mode, f, ep), g in groups.items():
+            if g["pretrained"]:
+                continue
+            points = {}
+            for c in plan.finetune:
+                if (c.dataset == target and c.kind == "curve" and c.model == model and c.mode_label == mode
+                        and c.fraction == f):
+                    points.setdefault(c.pt_epoch, []).append(c)
+            done = [e for e, cs in points.items() if any(c.result for c in cs)]
+            if done:
+                g["pretrained"] = points[max(done)]
+                stand_in[(model, mode, f, ep)] = max(done)
     rows = []
     for (model, mode, f, ep), g in groups.items():
-        row = {"target": target, "model": model, "mode": mode, "fraction": f, "pt_epoch": ep,
+        row = {"target": target, "model": model, "mode": mode, "fraction": f,
+               "pt_epoch": stand_in.get((model, mode, f, ep), ep), "stand_in": (model, mode, f, ep) in stand_in,
                "lm": any(c.lm for c in g["scratch"] + g["pretrained"])}
         for arm in ("scratch", "pretrained"):
             cells = g[arm]
@@ -79,7 +94,8 @@ def _ms(pair, digits=4):
 
 
 def _status(row) -> str:
-    bits = []
+    bits = [f"pre-trained: the checkpoint after {row['pt_epoch']} epoch(s) (the transferred one not reached)"] \
+        if row.get("stand_in") else []
     for arm in ("scratch", "pretrained"):
         if row[f"{arm}_n"] < row[f"{arm}_of"]:
             failed = [c for c in row[f"{arm}_cells"] if c.error]
@@ -114,7 +130,8 @@ def _costs(plan: TransferPlan, target) -> list[str]:
                      f"epoch {c.transfer_epoch} (run `{c.run_name}`)")
     cells = [c for c in plan.finetune + plan.zero_shot + plan.baselines if c.dataset == target and c.result]
     seconds = sum((c.result.get("timings") or {}).get("total_seconds") or 0 for c in cells)
-    pre_s = sum((c.result.get("timings") or {}).get("total_seconds") or 0 for c in plan.pretrain if c.result)
+    pre_s = sum((c.result.get("timings") or {}).get("total_seconds") or 0 if c.result else  # unfinished: its epochs
+                sum(h.get("train_seconds") or 0 for h in _pretrain_progress(c)[0]) for c in plan.pretrain)
     lines.append(f"* this table's {len(cells)} finished runs: {seconds / 3600:.2f} h of run time; with the "
                  f"pre-training: {(seconds + pre_s) / 3600:.2f} h (wall time of each run's process; CPU hours = "
                  "wall hours x threads per run, see Machine)")
@@ -152,7 +169,8 @@ def render_markdown(target, plan: TransferPlan, command, settings) -> str:
     for r in rows:
         lines.append("| " + " | ".join([
             r["model"] + (" [LM]" if r["lm"] else ""), r["mode"], f"{r['fraction']:.0%}",
-            _ms(r[f"scratch_{DEFAULT_METRIC}"]), _ms(r[f"pretrained_{DEFAULT_METRIC}"]),
+            _ms(r[f"scratch_{DEFAULT_METRIC}"]),
+            _ms(r[f"pretrained_{DEFAULT_METRIC}"]) + (f" ({r['pt_epoch']} ep.)" if r.get("stand_in") else ""),
             "–" if r["delta"] is None else f"{r['delta']:+.4f}", _verdict(r),
             _ms(r[f"scratch_{SECOND_METRIC}"]), _ms(r[f"pretrained_{SECOND_METRIC}"]),
             _budget(r["scratch_cells"]), _budget(r["pretrained_cells"]),
@@ -174,7 +192,7 @@ def render_markdown(target, plan: TransferPlan, command, settings) -> str:
                   "scratch NDCG@10 | pre-trained NDCG@10 | Δ | seeds |", "|---|---|---|---|---|---|---|---|"]
         transferred = {c.model: getattr(c, "transfer_epoch", None) for c in plan.pretrain}
         points = curve + [dict(r, pt_epoch=transferred.get(r["model"]), transferred=True)
-                          for r in rows if r["mode"] == "inductive"
+                          for r in rows if r["mode"] == "inductive" and not r.get("stand_in")
                           and any(c["model"] == r["model"] and c["fraction"] == r["fraction"] for c in curve)]
         for r in sorted(points, key=lambda r: (r["model"], r["fraction"], r["pt_epoch"] or 0)):
             ep = f"{r['pt_epoch']} (transferred)" if r.get("transferred") else str(r["pt_epoch"])
