@@ -284,3 +284,20 @@ def test_report_shows_the_latest_curve_point_while_the_transferred_checkpoint_is
     plan.finetune += [cell(s, "pt-3.pth", "finetune", None, 0.07) for s in (1, 2, 3)]
     (row,) = comparison_rows("T", plan)
     assert not row["stand_in"] and row["pretrained_n"] == 3
+
+
+def test_zero_shot_uses_the_latest_checkpoint_while_the_transferred_one_is_missing(tmp_path, workdir):
+    from recbole_mm.transfer.plan import plan_targets
+
+    make_dataset(tmp_path / "data", "Tiny", seed=0)
+    ov = {k: str(v) for k, v in quick(tmp_path / "data").items()}
+    pre = Cell("UniSRec", None, None, 2020, stage="pretrain", dataset="A,B", run_name="tr-pt-x",
+               checkpoint_dir=str(tmp_path))
+    pre.transfer_epoch = 3
+    (tmp_path / "tr-pt-x-1.pth").write_bytes(b"stand-in")  # only epoch 1 written so far
+    finetune, zs, _, notes = plan_targets(["UniSRec"], ["Tiny"], "inductive", [0.5], [2020], None, ov, {}, None,
+                                          [pre], 10, zero_shot=True, curve=[1, 3])
+    (pt,) = [c for c in zs if c.pretrained]
+    assert pt.pretrained == str(tmp_path / "tr-pt-x-1.pth") and pt.pt_epoch == 1
+    assert [c.pt_epoch for c in finetune if c.pretrained] == [1] and finetune[-1].kind == "curve"
+    assert any("no checkpoint after 3" in n for n in notes)

@@ -110,6 +110,13 @@ def plan_targets(models, targets, modes, fractions, seeds, lm_seeds, overrides, 
     ready = {c.model: c for c in pre_cells if c.run_name and os.path.isfile(checkpoint_of(c))}
     finetune, zs, base, notes = [], [], [], []
     first_seed = [seeds[0]] if isinstance(seeds, list) else 1  # baselines: one run (no seed dependence)
+    # no transferred checkpoint yet: zero-shot rows from the latest curve checkpoint written (labelled)
+    stand_in = {}
+    for c in pre_cells:
+        if c.model not in ready and c.run_name:
+            have = [e for e in curve if e < c.transfer_epoch and os.path.isfile(checkpoint_of(c, e))]
+            if have:
+                stand_in[c.model] = (max(have), checkpoint_of(c, max(have)))
     for c in pre_cells:
         if c.model not in ready:
             notes.append(f"{c.model}: no checkpoint after {getattr(c, 'transfer_epoch', '?')} pre-training epochs yet "
@@ -142,6 +149,8 @@ def plan_targets(models, targets, modes, fractions, seeds, lm_seeds, overrides, 
             inductive = [m for m in models if "inductive" in (lb.supported_modes(get_model(m)) or ())]
             pretrained = [f"{m}={checkpoint_of(ready[get_model(m).__name__])}" for m in inductive
                           if get_model(m).__name__ in ready]
+            pretrained += [f"{m}={stand_in[get_model(m).__name__][1]}" for m in inductive
+                           if get_model(m).__name__ in stand_in]
             ov = dict(overrides, epochs="0")
             if inductive:  # the untrained control: every seed (its initialisation is the seed's)
                 cells, _ = lb.plan(target, inductive, "inductive", None, seeds, lm_seeds, ov, config_files,
@@ -151,4 +160,7 @@ def plan_targets(models, targets, modes, fractions, seeds, lm_seeds, overrides, 
                 cells, _ = lb.plan(target, [], "inductive", pretrained, seeds[:1], (lm_seeds or seeds)[:1], ov,
                                    config_files, model_overrides)
                 zs += _tag(cells, dataset=target, fraction=1.0, kind="zero-shot", pt_epoch=None)
+                for c in cells:
+                    if c.model in stand_in and c.pretrained == stand_in[c.model][1]:
+                        c.pt_epoch = stand_in[c.model][0]
     return finetune, zs, base, notes

@@ -109,7 +109,9 @@ def _single_rows(target, cells):
     for c in cells:
         if c.dataset != target:
             continue
-        label = f"{c.model} " + ("pre-trained, no fine-tuning" if c.pretrained else
+        pt = f"pre-trained ({c.pt_epoch} epoch(s): the transferred checkpoint not reached)" \
+            if getattr(c, "pt_epoch", None) else "pre-trained"
+        label = f"{c.model} " + (f"{pt}, no fine-tuning" if c.pretrained else
                                  ("untrained (random init)" if c.kind == "zero-shot" else ""))
         groups.setdefault((label.strip(), c.mode_label, c.fraction), []).append(c)
     return [(label, mode, f, cs) for (label, mode, f), cs in groups.items()]
