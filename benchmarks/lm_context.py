@@ -21,22 +21,6 @@ from time import perf_counter
 import torch
 
 
-def items_seen(model, data) -> tuple[float, float]:
-    """(mean history items with a token in the model's sequence, mean history length) over ``data``."""
-    seen, total, n = 0.0, 0.0, 0
-    for batch in data:
-        inter = batch[0] if isinstance(batch, tuple) else batch
-        seq, seq_len = inter[model.ITEM_SEQ], inter[model.ITEM_SEQ_LEN]
-        tok = model.sequence_tokens(seq, seq_len)
-        row = torch.repeat_interleave(torch.arange(seq_len.numel()), tok.lengths)
-        key = row * (model.max_items + 1) + tok.item_positions
-        distinct = torch.unique(key[tok.item_positions > 0])
-        seen += float(distinct.numel())
-        total += float(seq_len.sum())
-        n += seq_len.numel()
-    return seen / n, total / n
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-m", "--model", required=True)
@@ -49,7 +33,7 @@ def main(argv=None):
 
     from recbole_mm.cli import parse_overrides
     from recbole_mm.data import create_dataset, data_preparation
-    from recbole_mm.quick_start import build_config
+    from recbole_mm.quick_start import build_config, history_context
     from recbole_mm.trainer import MMTrainer
     from recbole_mm.utils import get_model
 
@@ -76,13 +60,13 @@ def main(argv=None):
             trainer.optimizer.step()
             t_step.append(perf_counter() - t)
         model.eval()
-        seen, hist = items_seen(model, test)
+        ctx = history_context(model, test)
         print(json.dumps({
             "model": args.model, "max_tokens": budget, "max_items": model.max_items,
             "train_batch_size": config["train_batch_size"], "steps": args.steps,
             "s_per_step": round(sum(t_step[1:]) / args.steps, 3), "train_rows": len(train.dataset),
             "tokens_per_train_sequence": round(n_tok / n_rows, 1),
-            "items_seen_per_test_user": round(seen, 2), "history_items_per_test_user": round(hist, 2),
+            "items_seen_per_test_user": ctx["history_items_seen"], "history_items_per_test_user": ctx["history_items"],
             "bf16": model.bf16, "threads": torch.get_num_threads(),
         }), flush=True)
 

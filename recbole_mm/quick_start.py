@@ -167,6 +167,7 @@ def _train(config, ds, stage, mode, pretrained, pretrained_state, untrained, res
     test_result = trainer.evaluate(test_data, load_best_model=saved and trained, show_progress=show) if test_data else None
     eval_seconds = perf_counter() - t_eval
 
+    context = history_context(net, test_data) if test_data is not None else None
     train_secs = [h["train_seconds"] for h in trainer.history]
     result = {
         "model": config["model"],
@@ -196,6 +197,8 @@ def _train(config, ds, stage, mode, pretrained, pretrained_state, untrained, res
         "history": trainer.history,
         "config": config_to_plain(config),
     }
+    if context is not None:
+        result["context"] = context
     if saved:
         if distributed.is_main():
             write_json(result, trainer.result_file)
@@ -203,6 +206,24 @@ def _train(config, ds, stage, mode, pretrained, pretrained_state, untrained, res
     table = metrics_table(result["valid"], result["test"])
     logger.info("\n" + table)
     return result
+
+
+def history_context(model, data) -> dict | None:
+    """For a model that reads a bounded context (``history_items_seen``: Recformer, ReoLM): the mean
+    number of history items its sequence holds per user of ``data`` next to the users' mean history
+    length (RecBole's list, at most ``MAX_ITEM_LIST_LENGTH``); None for the other models."""
+    if not hasattr(model, "history_items_seen"):
+        return None
+    seen, total, n = 0.0, 0.0, 0
+    for batch in data:
+        inter = batch[0] if isinstance(batch, tuple) else batch
+        seq_len = inter[model.ITEM_SEQ_LEN].to(model.device)
+        seen += float(model.history_items_seen(inter[model.ITEM_SEQ].to(model.device), seq_len).sum())
+        total += float(seq_len.sum())
+        n += seq_len.numel()
+    return {"history_items_seen": round(seen / n, 2) if n else None,
+            "history_items": round(total / n, 2) if n else None, "users": n,
+            "max_items": getattr(model, "max_items", None), "max_tokens": getattr(model, "max_tokens", None)}
 
 
 def _reset_root_logger():

@@ -196,3 +196,17 @@ def test_cell_finished_by_another_process_meanwhile_is_not_run_again(tiny_root, 
     assert first.status == "finished" and first.ran
     assert second.status == "skipped" and not second.ran and second.result is not None
     assert os.stat(second.result_file).st_mtime_ns == stamps[second.result_file]
+
+
+def test_report_states_the_history_a_bounded_context_model_reads():
+    from types import SimpleNamespace as NS
+
+    from recbole_mm.leaderboard.report import _context_lines
+
+    ctx = {"history_items_seen": 4.61, "history_items": 5.73, "users": 10, "max_items": 10, "max_tokens": 128}
+    lm = NS(name="Recformer", mode="inductive", done=[NS(result={"context": ctx, "config": {}})])
+    other = NS(name="SASRec", mode=None, done=[NS(result={"config": {"MAX_ITEM_LIST_LENGTH": 50}})])
+    lines = _context_lines([other, lm])
+    assert "Recformer (inductive) reads at most 10 items and 128 tokens per user: 4.61 of its test users' 5.73" in lines[0]
+    assert "up to 50 items" in lines[1]
+    assert _context_lines([other]) == []

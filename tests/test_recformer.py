@@ -121,6 +121,21 @@ def test_sequence_tokens_most_recent_first_and_capped(tiny_root, tiny_bert, whol
         assert tok.lengths[0] == 30
 
 
+@pytest.mark.parametrize("whole", [False, True])
+def test_history_items_seen_counts_items_with_a_token(tiny_root, tiny_bert, whole):
+    model, _, _ = _model(tiny_root, tiny_bert, max_items=3, max_tokens=30, whole_items=whole)
+    seqs = [[5, 6, 7, 8, 9], [3], [10, 11], [4, 2, 1]]
+    width = max(map(len, seqs))
+    item_seq = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
+    seen = model.history_items_seen(item_seq, torch.tensor([len(s) for s in seqs])).tolist()
+    expected = [len(set(_naive_sequence(model, s, 3, 30, whole)[2]) - {0}) for s in seqs]
+    assert seen == expected
+    # one item of one; of five, max_items 3, the third in part (cut) or left out (whole items)
+    assert seen[1] == 1 and seen[0] == (2 if whole else 3)
+    wide, _, _ = _model(tiny_root, tiny_bert, max_items=10, max_tokens=200, whole_items=whole)
+    assert wide.history_items_seen(item_seq, torch.tensor([len(s) for s in seqs])).tolist() == [5, 1, 2, 3]
+
+
 def test_encoder_equals_transformers_bert_at_init(tiny_root, tiny_bert):
     """Untrained, the token-type and item-position embeddings leave the backbone unchanged:
     our packed encoder = transformers' BertModel on the padded batch."""
@@ -233,6 +248,8 @@ def test_checkpoint_reload_identical_scores_and_stage2_from_it(tiny_root, tiny_b
     from recbole_mm.data import create_dataset, data_preparation
 
     res = run("Recformer", "Tiny", overrides=q(tiny_root, tiny_bert, epochs=2, run_name="rf"))
+    ctx = res["context"]  # the bounded context the run read, over its test users
+    assert ctx["max_tokens"] == res["config"]["max_tokens"] and 0 < ctx["history_items_seen"] <= ctx["history_items"]
     ckpt = load_checkpoint(res["checkpoint"])
     assert bool(ckpt["state_dict"]["table_ready"])
     cfg = build_config("Recformer", "Tiny", config_dict=q(tiny_root, tiny_bert))

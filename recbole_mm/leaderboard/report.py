@@ -127,6 +127,7 @@ def _markdown(dataset, rows, keys, notes, command, paths, seeds_desc, lm_seeds_d
     if any_lm:
         lines += [f"LM: language-model recommender ({', '.join(language_models())}) in its props' small CPU "
                   f"configuration, run with {lm_seeds_desc or 'fewer'} seed(s) instead of {seeds_desc}.", ""]
+    lines += _context_lines(rows)
     for n in notes:
         lines.append(f"* {n}")
     failures = [c for c in (c for r in rows for c in r.cells) if c.error]
@@ -143,6 +144,30 @@ def _markdown(dataset, rows, keys, notes, command, paths, seeds_desc, lm_seeds_d
     lines.append(f"Machine: {_machine()}.")
     lines.append("")
     return "\n".join(lines)
+
+
+def _context_lines(rows) -> list[str]:
+    """How much of the users' history the bounded-context models read (their runs' ``context``),
+    next to the other models' ``MAX_ITEM_LIST_LENGTH``."""
+    out = []
+    for r in rows:
+        ctx = [c.result["context"] for c in r.done if (c.result or {}).get("context")]
+        if not ctx:
+            continue
+        c0 = ctx[0]
+        seen = sum(c["history_items_seen"] for c in ctx) / len(ctx)
+        out.append(f"* Context: {r.name}{f' ({r.mode})' if r.mode else ''} reads at most {c0['max_items']} items "
+                   f"and {c0['max_tokens']} tokens per user: {seen:.2f} of its test users' "
+                   f"{c0['history_items']:.2f} history items on average.")
+    if out:
+        lengths = {(c.result.get("config") or {}).get("MAX_ITEM_LIST_LENGTH") for r in rows for c in r.done
+                   if not (c.result or {}).get("context")}
+        lengths.discard(None)
+        if lengths:
+            out.append(f"* The other models read up to {', '.join(map(str, sorted(lengths)))} items "
+                       "(MAX_ITEM_LIST_LENGTH), i.e. every history item counted above.")
+        out.append("")
+    return out
 
 
 def _md_escape(text: str) -> str:

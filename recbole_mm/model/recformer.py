@@ -208,6 +208,18 @@ class Recformer(MMSequentialRecommender):
         items = item_seq.gather(1, idx).masked_fill(j >= item_seq_len.unsqueeze(1), 0)
         return self._tokens(items)
 
+    @torch.no_grad()
+    def history_items_seen(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
+        """``[B]``: how many history items of each sequence have at least one token in what the model
+        reads (``max_items``, ``max_tokens``, ``whole_items``); the ID and feature models read up to
+        ``MAX_ITEM_LIST_LENGTH`` items."""
+        tok = self.sequence_tokens(item_seq, item_seq_len)
+        B = item_seq_len.numel()
+        row = torch.repeat_interleave(torch.arange(B, device=tok.lengths.device), tok.lengths)
+        key = row * (self.max_items + 1) + tok.item_positions
+        distinct = torch.unique(key[tok.item_positions > 0])
+        return torch.bincount(torch.div(distinct, self.max_items + 1, rounding_mode="floor"), minlength=B)
+
     def _tokens(self, items: torch.Tensor, lengths: torch.Tensor | None = None) -> Tokens:
         """Packed tokens of ``items [B, J]`` (item ids, most recent first, 0 = none), all tensor ops;
         ``lengths``: tokens used of each item's sentence (default all)."""
