@@ -96,7 +96,7 @@ TINY_WORDS = ["item", "number", "of", "cluster", "brand", "title", "category", "
               "the", "a", "for", "and", "with", "pack", "bottle", "."]
 
 
-def make_tiny_bert(folder, hidden=32, layers=2, heads=2, intermediate=64, max_positions=256, seed=0):
+def make_tiny_bert(folder, hidden=32, layers=2, heads=2, intermediate=64, max_positions=512, seed=0):
     """A random tiny BERT (``transformers`` folder with a word-level WordPiece vocabulary:
     special tokens, :data:`TINY_WORDS`, digits, letters and their ``##`` pieces)."""
     import torch

@@ -136,6 +136,24 @@ def test_history_items_seen_counts_items_with_a_token(tiny_root, tiny_bert, whol
     assert wide.history_items_seen(item_seq, torch.tensor([len(s) for s in seqs])).tolist() == [5, 1, 2, 3]
 
 
+def test_checkpoint_with_other_max_items_loads_the_positions_both_have(tiny_root, tiny_bert):
+    """A checkpoint written with another ``max_items`` (e.g. before the default changed) loads:
+    the item positions both models have are copied, the extra ones keep their zero init."""
+    small, _, _ = _model(tiny_root, tiny_bert, max_items=3, max_tokens=60)
+    with torch.no_grad():
+        small.item_position_embeddings.weight.normal_()
+    state = {k: v.clone() for k, v in small.state_dict().items()}
+    big, _, _ = _model(tiny_root, tiny_bert, max_items=6, max_tokens=60)
+    big.load_state_dict(state)
+    w = big.item_position_embeddings.weight
+    assert w.shape[0] == 7 and torch.equal(w[:4], state["item_position_embeddings.weight"])
+    assert not w[4:].any()
+    assert torch.equal(big.layers[0].attention.self.query.weight, small.layers[0].attention.self.query.weight)
+    tiny, _, _ = _model(tiny_root, tiny_bert, max_items=2, max_tokens=60)
+    tiny.load_state_dict(state)
+    assert torch.equal(tiny.item_position_embeddings.weight, state["item_position_embeddings.weight"][:3])
+
+
 def test_encoder_equals_transformers_bert_at_init(tiny_root, tiny_bert):
     """Untrained, the token-type and item-position embeddings leave the backbone unchanged:
     our packed encoder = transformers' BertModel on the padded batch."""

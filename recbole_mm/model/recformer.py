@@ -408,6 +408,18 @@ class Recformer(MMSequentialRecommender):
             state_dict["table_ready"] = torch.tensor(False)
             state_dict["table_stale"] = torch.tensor(True)
             state_dict["table_frozen"] = torch.tensor(False)
+        pos = state_dict.get("item_position_embeddings.weight")
+        own = self.item_position_embeddings.weight
+        if pos is not None and pos.shape[1:] == own.shape[1:] and pos.shape[0] != own.shape[0]:
+            # written with another max_items: the rows both have (position 0 = <s>, then the
+            # items most recent first) are kept; rows the checkpoint lacks keep their zero init
+            n = min(pos.shape[0], own.shape[0])
+            resized = own.detach().clone()
+            resized[:n] = pos[:n].to(resized.dtype)
+            state_dict["item_position_embeddings.weight"] = resized
+            getLogger().warning(f"{type(self).__name__}: the checkpoint has {pos.shape[0] - 1} item positions, "
+                                f"this run max_items={self.max_items}: the first {n - 1} are loaded"
+                                + (", the rest start at zero" if own.shape[0] > n else ""))
         out = super().load_state_dict(state_dict, strict=strict, assign=assign)
         if "item_embeddings" not in state_dict:  # other weights, the old table: re-encode it
             self.table_stale.fill_(True)
