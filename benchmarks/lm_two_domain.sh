@@ -10,6 +10,7 @@
 # re-encoded with gradient (--num_negatives=1000, released; ~12x slower per step on CPU).
 #
 #   benchmarks/lm_two_domain.sh     # -> benchmarks/results/LM-two-domain-pretraining.json
+#   FT_STEPS=60 benchmarks/lm_two_domain.sh   # -> ...-s60.json: the fine-tuning variants at an equal step budget
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RAW=${RAW:-../shared/data/raw/amazon2023}
@@ -27,23 +28,31 @@ run() {  # run NAME command...
 PT="-d Industrial_and_Scientific,Office_Products --data_path=dataset/pretrain --epochs=4 --steps_per_epoch=50 --save_step=0"
 run i6-Recformer-IS-OP-pt python run_pretrain.py -m Recformer $PT
 run i6-ReoLM-IS-OP-pt python run_pretrain.py -m ReoLM $PT --img_suffix=None --img_size=512
+# FT_STEPS=N: every fine-tuning run gets the same budget of N optimiser steps (warm-up N/10),
+# so that the 1000-negative variant (~12x the seconds per step) is compared at equal steps;
+# unset: one full epoch each.
 FT="-d Scientific_mm --data_path=../shared/data --epochs=1"
-run i6-Recformer-ft python run_finetune.py -m Recformer $FT -p saved/i6-Recformer-IS-OP-pt.pth
-run i6-ReoLM-ft python run_finetune.py -m ReoLM $FT -p saved/i6-ReoLM-IS-OP-pt.pth
-run i6-ReoLM-ft-fixenc python run_finetune.py -m ReoLM $FT -p saved/i6-ReoLM-IS-OP-pt.pth --fix_enc=True
-run i6-ReoLM-ft-neg1000 python run_finetune.py -m ReoLM $FT -p saved/i6-ReoLM-IS-OP-pt.pth --num_negatives=1000
-python - <<'PY'
-import json
+S=""
+if [ -n "${FT_STEPS:-}" ]; then FT="$FT --steps_per_epoch=$FT_STEPS --warmup_steps=$(( FT_STEPS / 10 > 0 ? FT_STEPS / 10 : 1 ))"; S="-s$FT_STEPS"; fi
+run i6-Recformer-ft$S python run_finetune.py -m Recformer $FT -p saved/i6-Recformer-IS-OP-pt.pth
+run i6-ReoLM-ft$S python run_finetune.py -m ReoLM $FT -p saved/i6-ReoLM-IS-OP-pt.pth
+run i6-ReoLM-ft-fixenc$S python run_finetune.py -m ReoLM $FT -p saved/i6-ReoLM-IS-OP-pt.pth --fix_enc=True
+run i6-ReoLM-ft-neg1000$S python run_finetune.py -m ReoLM $FT -p saved/i6-ReoLM-IS-OP-pt.pth --num_negatives=1000
+S=$S python - <<'PY'
+import json, os
+S = os.environ.get("S", "")
 out = {"note": "CPU, one thread per run (OMP_NUM_THREADS=1, taskset to one core of the 2-core machine, "
                "the other core busy with other runs); train loss = sum over the epoch's 50 batches",
-       "commands": ["benchmarks/lm_two_domain.sh"], "runs": {}}
-for n in ["i6-Recformer-IS-OP-pt", "i6-ReoLM-IS-OP-pt", "i6-Recformer-ft", "i6-ReoLM-ft", "i6-ReoLM-ft-fixenc",
-          "i6-ReoLM-ft-neg1000"]:
+       "commands": [(f"FT_STEPS={S[2:]} " if S else "") + "benchmarks/lm_two_domain.sh"], "runs": {}}
+for n in ["i6-Recformer-IS-OP-pt", "i6-ReoLM-IS-OP-pt", f"i6-Recformer-ft{S}", f"i6-ReoLM-ft{S}", f"i6-ReoLM-ft-fixenc{S}",
+          f"i6-ReoLM-ft-neg1000{S}"]:
+    if not os.path.isfile(f"saved/{n}.json"):
+        continue
     d = json.load(open(f"saved/{n}.json"))
     t = d["timings"]
     out["runs"][n] = {"params": d["params"], "train_seconds_per_epoch": [round(x, 1) for x in t["train_seconds_per_epoch"]],
                       "train_loss_per_epoch": [h["train_loss"] for h in d["history"]], "peak_rss_mb": round(t["peak_rss_mb"]),
                       "n_items": None, "test": d.get("test"), "valid": d.get("valid")}
-json.dump(out, open("benchmarks/results/LM-two-domain-pretraining.json", "w"), indent=2)
+json.dump(out, open(f"benchmarks/results/LM-two-domain-pretraining{S}.json", "w"), indent=2)
 print(json.dumps(out, indent=1))
 PY

@@ -198,6 +198,31 @@ def test_cell_finished_by_another_process_meanwhile_is_not_run_again(tiny_root, 
     assert os.stat(second.result_file).st_mtime_ns == stamps[second.result_file]
 
 
+def test_report_only_says_running_for_a_cell_another_live_process_holds(tiny_root, workdir):
+    """--report-only while another process runs a cell: that cell is "running" (its claim's pid is
+    alive), not "not run"; a claim left by a dead process counts as not run."""
+    import subprocess
+    import sys
+
+    kw = dict(dataset="Tiny", models="SASRec", seeds="2020,2021", overrides=_overrides(tiny_root),
+              out=str(workdir / "results"), report_only=True, log=_quiet)
+    cells = leaderboard(**kw)["cells"]
+    assert [c.status for c in cells] == ["pending", "pending"]
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        os.makedirs(cells[0].checkpoint_dir, exist_ok=True)
+        with open(cells[0]._file(".claim"), "w") as f:
+            f.write(str(other.pid))
+        res = leaderboard(**kw)
+        assert [c.status for c in res["cells"]] == ["running", "pending"]
+        table = open(os.path.join(str(workdir / "results"), "Tiny.md")).read()
+        assert "0/2 seeds, 1 running, 1 not run" in table
+    finally:
+        other.kill()
+        other.wait()
+    assert [c.status for c in leaderboard(**kw)["cells"]] == ["pending", "pending"]  # its process is gone
+
+
 def test_report_states_the_history_a_bounded_context_model_reads():
     from types import SimpleNamespace as NS
 

@@ -70,4 +70,5 @@ from recbole_mm.leaderboard.execute import (  # noqa: F401
     leaderboard,
     release,
     run_cell,
+    running_elsewhere,
 )

@@ -142,6 +142,16 @@ def claim(cell: Cell) -> bool:
     return False
 
 
+def running_elsewhere(cell: Cell) -> bool:
+    """Whether a live process holds the cell's claim (it is being run now)."""
+    try:
+        with open(cell._file(".claim")) as f:
+            pid = int(f.read().strip() or 0)
+    except (OSError, ValueError, TypeError):
+        return False
+    return bool(pid) and pid != os.getpid() and pid_alive(pid)
+
+
 def release(cell: Cell) -> None:
     try:
         os.unlink(cell._file(".claim"))
@@ -229,7 +239,9 @@ def leaderboard(dataset, models, modes=None, pretrained=None, seeds=3, lm_seeds=
             c.status, c.result = "skipped", res
         elif report_only:
             err = _read_json(c.error_file) if c.run_name else None
-            if err and err.get("error"):
+            if c.run_name and running_elsewhere(c):
+                c.status = "running"
+            elif err and err.get("error"):
                 c.status, c.error = "failed", err["error"] + " (last attempt)"
         else:
             todo.append(c)

@@ -48,7 +48,7 @@ class Cell:
     config_hash: str | None = None
     checkpoint_dir: str | None = None
     overrides: dict = field(default_factory=dict)
-    status: str = "pending"         # pending | finished | skipped | failed | interrupted
+    status: str = "pending"         # pending | running (another process, report only) | finished | skipped | failed | interrupted
     error: str | None = None
     result: dict | None = None
     ran: bool = False               # run (or resumed) by this invocation

@@ -67,7 +67,10 @@ class Row:
         parts = [f"{ok}/{n} seeds"]
         if failed:
             parts.append(f"{len(failed)} failed")
-        pending = n - ok - len(failed)
+        running = sum(c.status == "running" for c in self.cells)
+        if running:
+            parts.append(f"{running} running")
+        pending = n - ok - len(failed) - running
         if pending:
             parts.append(f"{pending} not run")
         return ", ".join(parts)

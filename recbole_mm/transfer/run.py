@@ -30,7 +30,9 @@ def _run_cells(cells, config_files, resume, rerun, isolation, timeout, log, repo
             c.status, c.result = "skipped", res
         elif report_only:
             err = lb._read_json(c.error_file) if c.run_name else None
-            if err and err.get("error"):
+            if c.run_name and lb.running_elsewhere(c):
+                c.status = "running"
+            elif err and err.get("error"):
                 c.status, c.error = "failed", err["error"] + " (last attempt)"
         else:
             todo.append(c)
