@@ -301,3 +301,27 @@ def test_zero_shot_uses_the_latest_checkpoint_while_the_transferred_one_is_missi
     assert pt.pretrained == str(tmp_path / "tr-pt-x-1.pth") and pt.pt_epoch == 1
     assert [c.pt_epoch for c in finetune if c.pretrained] == [1] and finetune[-1].kind == "curve"
     assert any("no checkpoint after 3" in n for n in notes)
+
+
+def test_missing_checkpoint_note_names_another_pretraining_that_has_it(tmp_path):
+    """A pre-training of the same model on the same corpus with another total length (another
+    hash) that has the wanted checkpoint is named in the note, with both lengths."""
+    import json
+
+    from recbole_mm.transfer.plan import _other_pretraining
+
+    prefix = "tr-pt-UniSRec-A+B-"
+    cell = Cell("UniSRec", None, None, 2020, run_name=prefix + "aaaaaaaaaa", config_hash="aaaaaaaaaa",
+                checkpoint_dir=str(tmp_path), overrides={"epochs": "3"})
+    cell.transfer_epoch = 3
+    assert _other_pretraining(cell) == ""  # nothing else in checkpoint_dir
+    other = prefix + "bbbbbbbbbb"
+    (tmp_path / f"{other}-1.pth").write_bytes(b"x")
+    (tmp_path / "tr-pt-UniSRec-A+B+C-cccccccccc-3.pth").write_bytes(b"x")  # another corpus
+    (tmp_path / "tr-pt-MISSRec-A+B-dddddddddd-3.pth").write_bytes(b"x")  # another model
+    assert _other_pretraining(cell) == ""  # only epoch 1 there
+    (tmp_path / f"{other}-3.pth").write_bytes(b"x")
+    (tmp_path / f"{other}.cell.json").write_text(json.dumps({"overrides": {"epochs": "10"}}))
+    note = _other_pretraining(cell)
+    assert f"{other} (epochs=10)" in note and "(epochs=3)" in note
+    assert "cccccccccc" not in note and "dddddddddd" not in note

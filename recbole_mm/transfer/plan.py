@@ -87,6 +87,35 @@ def _own_epochs(model: str, own: dict) -> int | None:
     return n
 
 
+def _other_pretraining(cell: Cell) -> str:
+    """A hint when the same model was pre-trained on the same corpus with another configuration
+    (most often another total length: ``--pt-epochs`` / ``--curve`` / ``--pt-set MODEL:epochs``
+    set it, and it is part of the run's hash) and that run has the checkpoint this one lacks."""
+    import glob
+    import json
+
+    if not cell.run_name or not getattr(cell, "config_hash", None) or not getattr(cell, "transfer_epoch", None):
+        return ""
+    prefix = cell.run_name[: -len(cell.config_hash)]
+    found = []
+    for path in sorted(glob.glob(os.path.join(glob.escape(cell.checkpoint_dir), f"{glob.escape(prefix)}*-{cell.transfer_epoch}.pth"))):
+        run = os.path.basename(path)[: -len(f"-{cell.transfer_epoch}.pth")]
+        if run == cell.run_name or "-" in run[len(prefix):]:
+            continue
+        try:
+            with open(os.path.join(cell.checkpoint_dir, run + ".cell.json")) as f:
+                epochs = (json.load(f).get("overrides") or {}).get("epochs")
+        except (OSError, ValueError):
+            epochs = None
+        found.append(run + (f" (epochs={epochs})" if epochs else ""))
+    if not found:
+        return ""
+    mine = (getattr(cell, "overrides", None) or {}).get("epochs")
+    return (f". Another pre-training of {cell.model} on this corpus has that checkpoint: {', '.join(found)}; "
+            f"this plan's run differs in its configuration" + (f" (epochs={mine})" if mine else "")
+            + ": the same --pt-epochs / --curve / --pt-set as that run reuse it")
+
+
 def checkpoint_of(cell: Cell, epoch: int | None = None) -> str:
     """The checkpoint a pre-training cell writes after ``epoch`` epochs (default: the transferred
     one, ``--pt-epochs``): ``<run>-<epoch>.pth``, written atomically and never rewritten."""
@@ -120,7 +149,8 @@ def plan_targets(models, targets, modes, fractions, seeds, lm_seeds, overrides, 
     for c in pre_cells:
         if c.model not in ready:
             notes.append(f"{c.model}: no checkpoint after {getattr(c, 'transfer_epoch', '?')} pre-training epochs yet "
-                         f"({c.error or 'pre-training not that far'}); pre-trained and zero-shot rows missing")
+                         f"({c.error or 'pre-training not that far'}); pre-trained and zero-shot rows missing"
+                         + _other_pretraining(c))
     for target in targets:
         for f in fractions:
             ov = dict(overrides, train_fraction=f"{f:g}", stopping_min_steps=str(min_steps))

@@ -103,6 +103,8 @@ def transfer(models, corpus, targets, modes=None, fractions="1.0", seeds=3, lm_s
     ft, zs, base, notes = plan_targets(models, targets, modes, fraction_list, seed_list, lm_seed_list, overrides,
                                        dict(model_overrides or {}), config_files, pre, min_steps, zero_shot, curve)
     plan = TransferPlan(pre, ft, zs, base, notes)
+    for n in notes:
+        log(f"transfer: {n}")
     settings = {"corpus": corpus, "min_steps": min_steps, "seeds": seed_list, "lm_seeds": lm_seed_list,
                 "fractions": fraction_list, "curve": curve}
 
