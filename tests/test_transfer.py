@@ -258,7 +258,7 @@ def test_report_shows_the_latest_curve_point_while_the_transferred_checkpoint_is
     """Pre-training stopped before --pt-epochs: the main table's pre-trained arm is the latest
     curve point with results, labelled with its epoch, not an empty cell."""
     from recbole_mm.transfer.plan import TransferPlan
-    from recbole_mm.transfer.report import comparison_rows, render_markdown
+    from recbole_mm.transfer.report import _verdict, comparison_rows, render_markdown
 
     def cell(seed, pretrained, kind, pt_epoch, ndcg):
         c = Cell("UniSRec", "inductive", pretrained, seed, mode_label="inductive", dataset="T", status="finished",
@@ -277,6 +277,8 @@ def test_report_shows_the_latest_curve_point_while_the_transferred_checkpoint_is
     (row,) = comparison_rows("T", plan)
     assert row["stand_in"] and row["pt_epoch"] == 2 and row["pretrained_n"] == 1
     assert row["pretrained_ndcg@10"][0] == pytest.approx(0.061)
+    # 3 scratch seeds against 1 pre-trained: no verdict (one arm has no spread), however large the gap
+    assert row["beyond_std"] is None and _verdict(row) == "an arm with 1 seed"
     md = render_markdown("T", plan, "cmd", {"corpus": "A,B", "seeds": [1, 2, 3], "min_steps": 200})
     assert "| 0.0610 (2 ep.) |" in md and "the checkpoint after 2 epoch(s)" in md
     assert "2 (transferred)" not in md and "3 (transferred)" not in md  # the curve lists what was measured
@@ -284,6 +286,7 @@ def test_report_shows_the_latest_curve_point_while_the_transferred_checkpoint_is
     plan.finetune += [cell(s, "pt-3.pth", "finetune", None, 0.07) for s in (1, 2, 3)]
     (row,) = comparison_rows("T", plan)
     assert not row["stand_in"] and row["pretrained_n"] == 3
+    assert row["beyond_std"] and _verdict(row) == "gain"
 
 
 def test_zero_shot_uses_the_latest_checkpoint_while_the_transferred_one_is_missing(tmp_path, workdir):

@@ -73,7 +73,8 @@ def comparison_rows(target, plan: TransferPlan, kind="finetune") -> list[dict]:
             row[f"{arm}_best"] = _best(cells)
         (ms, ss), (mp, sp) = row[f"scratch_{DEFAULT_METRIC}"], row[f"pretrained_{DEFAULT_METRIC}"]
         row["delta"] = None if ms is None or mp is None else mp - ms
-        spread = max([v for v in (ss, sp) if v is not None], default=None)
+        # a verdict needs a spread on both arms: one seed on either side says nothing about noise
+        spread = None if ss is None or sp is None else max(ss, sp)
         row["beyond_std"] = None if row["delta"] is None or spread is None else abs(row["delta"]) > spread
         rows.append(row)
     return rows
@@ -83,7 +84,7 @@ def _verdict(row) -> str:
     if row["delta"] is None:
         return "–"
     if row["beyond_std"] is None:
-        return "1 seed"
+        return "1 seed" if max(row["scratch_n"], row["pretrained_n"]) <= 1 else "an arm with 1 seed"
     if not row["beyond_std"]:
         return "within noise"
     return "gain" if row["delta"] > 0 else "loss"
@@ -164,7 +165,7 @@ def render_markdown(target, plan: TransferPlan, command, settings) -> str:
              + f". Both arms: early stopping cannot end a fine-tuning run before {settings['min_steps']} optimiser "
                "steps, and a run on a fraction f of the users evaluates every 1/f epochs (patience in steps as on "
                "all the data); *best* = best epoch / optimiser steps at the best epoch (means). "
-               "*verdict*: the difference against the larger of the two standard deviations.", "",
+               "*verdict*: the difference against the larger of the two standard deviations (none while an arm has one seed).", "",
              "| model | mode | train users | scratch NDCG@10 | pre-trained NDCG@10 | Δ | verdict | scratch Recall@10 "
              "| pre-trained Recall@10 | best (scratch) | best (pre-trained) | seeds | status |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
