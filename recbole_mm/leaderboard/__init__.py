@@ -68,7 +68,7 @@ from recbole_mm.leaderboard.execute import (  # noqa: F401
     execute,
     finished_result,
     leaderboard,
+    mark_unfinished,
     release,
     run_cell,
-    running_elsewhere,
 )

@@ -124,11 +124,7 @@ def claim(cell: Cell) -> bool:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            try:
-                with open(path) as f:
-                    pid = int(f.read().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
+            pid = _claim_holder(cell)
             if pid and pid_alive(pid):
                 return False
             try:
@@ -142,14 +138,32 @@ def claim(cell: Cell) -> bool:
     return False
 
 
-def running_elsewhere(cell: Cell) -> bool:
-    """Whether a live process holds the cell's claim (it is being run now)."""
+def _claim_holder(cell: Cell) -> int:
+    """The pid written in the cell's claim (0: no claim, or unreadable)."""
     try:
         with open(cell._file(".claim")) as f:
-            pid = int(f.read().strip() or 0)
-    except (OSError, ValueError, TypeError):
-        return False
+            return int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def running_elsewhere(cell: Cell) -> bool:
+    """Whether another live process holds the cell's claim (it is being run now)."""
+    pid = _claim_holder(cell)
     return bool(pid) and pid != os.getpid() and pid_alive(pid)
+
+
+def mark_unfinished(cell: Cell) -> None:
+    """--report-only, a cell without a result: "running" while another live process holds it,
+    "failed" when its last attempt left an error, else it stays pending."""
+    if not cell.run_name:
+        return
+    if running_elsewhere(cell):
+        cell.status = "running"
+        return
+    err = _read_json(cell.error_file)
+    if err and err.get("error"):
+        cell.status, cell.error = "failed", err["error"] + " (last attempt)"
 
 
 def release(cell: Cell) -> None:
@@ -238,11 +252,7 @@ def leaderboard(dataset, models, modes=None, pretrained=None, seeds=3, lm_seeds=
         if res is not None:
             c.status, c.result = "skipped", res
         elif report_only:
-            err = _read_json(c.error_file) if c.run_name else None
-            if c.run_name and running_elsewhere(c):
-                c.status = "running"
-            elif err and err.get("error"):
-                c.status, c.error = "failed", err["error"] + " (last attempt)"
+            mark_unfinished(c)
         else:
             todo.append(c)
     n_done = sum(c.result is not None for c in cells)

@@ -29,11 +29,7 @@ def _run_cells(cells, config_files, resume, rerun, isolation, timeout, log, repo
         if res is not None:
             c.status, c.result = "skipped", res
         elif report_only:
-            err = lb._read_json(c.error_file) if c.run_name else None
-            if c.run_name and lb.running_elsewhere(c):
-                c.status = "running"
-            elif err and err.get("error"):
-                c.status, c.error = "failed", err["error"] + " (last attempt)"
+            lb.mark_unfinished(c)
         else:
             todo.append(c)
     for i, c in enumerate(todo, 1):
