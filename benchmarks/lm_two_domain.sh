@@ -11,6 +11,7 @@
 #
 #   benchmarks/lm_two_domain.sh     # -> benchmarks/results/LM-two-domain-pretraining.json
 #   FT_STEPS=60 benchmarks/lm_two_domain.sh   # -> ...-s60.json: the fine-tuning variants at an equal step budget
+#   ONLY=ReoLM ...                            # only the runs whose name contains ReoLM
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RAW=${RAW:-../shared/data/raw/amazon2023}
@@ -22,10 +23,11 @@ done
 run() {  # run NAME command...
   local name=$1; shift
   if [ -f "saved/$name.json" ]; then echo "skip $name (saved/$name.json exists)"; return; fi
+  case $name in *"${ONLY:-}"*) ;; *) echo "skip $name (ONLY=$ONLY)"; return ;; esac
   echo "run $name: $*"
   "$@" --run_name="$name" --show_progress=False > "benchmarks/out/$name.log" 2>&1
 }
-PT="-d Industrial_and_Scientific,Office_Products --data_path=dataset/pretrain --epochs=4 --steps_per_epoch=50 --save_step=0"
+PT="-d Industrial_and_Scientific,Office_Products --data_path=dataset/pretrain --epochs=4 --steps_per_epoch=50 --save_step=~"
 run i6-Recformer-IS-OP-pt python run_pretrain.py -m Recformer $PT
 run i6-ReoLM-IS-OP-pt python run_pretrain.py -m ReoLM $PT --img_suffix=None --img_size=512
 # FT_STEPS=N: every fine-tuning run gets the same budget of N optimiser steps (warm-up N/10),
@@ -41,8 +43,9 @@ run i6-ReoLM-ft-neg1000$S python run_finetune.py -m ReoLM $FT -p saved/i6-ReoLM-
 S=$S python - <<'PY'
 import json, os
 S = os.environ.get("S", "")
-out = {"note": "CPU, one thread per run (OMP_NUM_THREADS=1, taskset to one core of the 2-core machine, "
-               "the other core busy with other runs); train loss = sum over the epoch's 50 batches",
+note = os.environ.get("LM_NOTE") or ("CPU, one thread per run (OMP_NUM_THREADS=1, taskset to one core of the "
+                                      "2-core machine, the other core busy with other runs)")
+out = {"note": note + "; train loss = sum over the epoch's batches",
        "commands": [(f"FT_STEPS={S[2:]} " if S else "") + "benchmarks/lm_two_domain.sh"], "runs": {}}
 for n in ["i6-Recformer-IS-OP-pt", "i6-ReoLM-IS-OP-pt", f"i6-Recformer-ft{S}", f"i6-ReoLM-ft{S}", f"i6-ReoLM-ft-fixenc{S}",
           f"i6-ReoLM-ft-neg1000{S}"]:

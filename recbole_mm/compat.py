@@ -20,7 +20,9 @@ own test in ``tests/test_compat.py``.  :func:`apply` is called on ``import recbo
 3. **setuptools >= 81** no longer ships ``pkg_resources``; ``recbole.quick_start`` does
    ``from ray import tune`` at import time and ray <= 2.6.3 (RecBole's pin) imports
    ``pkg_resources``, so ``import recbole.quick_start`` dies.  recbole_mm never imports it.
-   Fix: when ``pkg_resources`` is missing, ``ray`` is registered as a stand-in module whose
+   The same when ray is not installed at all (an environment that installed RecBole without
+   its dependencies, e.g. a prebuilt image).
+   Fix: when ``pkg_resources`` or ray itself is missing, ``ray`` is registered as a stand-in module whose
    ``tune`` raises a clear ``ImportError`` only when hyper-parameter tuning is actually
    used, so the rest of ``recbole.quick_start`` imports and runs.
 4. **pandas >= 3** makes copy-on-write the only mode: RecBole's chained
@@ -104,7 +106,7 @@ class _TorchLoadDefaultsToFullPickle(_ModuleView):
 
 
 class _RayUnavailable(types.ModuleType):
-    """Stand-in for ``ray`` when it cannot be imported (no ``pkg_resources``)."""
+    """Stand-in for ``ray`` when it cannot be imported (not installed, or no ``pkg_resources``)."""
 
     __path__: list = []  # behave like a package so ``from ray import tune`` reaches __getattr__
 
@@ -117,17 +119,17 @@ class _RayUnavailable(types.ModuleType):
 class _RayTuneUnavailable:
     def __getattr__(self, name):
         raise ImportError(
-            "ray.tune is unavailable: RecBole 1.2.1 pins ray<=2.6.3, which imports "
-            "pkg_resources, removed in setuptools>=81. Install 'setuptools<81' in this "
-            "environment to use RecBole's hyper-parameter tuning."
+            "ray.tune is unavailable: RecBole's hyper-parameter tuning needs ray<=2.6.3 (RecBole "
+            "1.2.1's pin), which imports pkg_resources, removed in setuptools>=81. Install "
+            "'ray<=2.6.3' and 'setuptools<81' in this environment to use it."
         )
 
 
 def _ray_stand_in() -> None:
     if "ray" in sys.modules:
         return
-    if importlib.util.find_spec("pkg_resources") is not None:
-        return  # the real ray imports fine
+    if importlib.util.find_spec("ray") is not None and importlib.util.find_spec("pkg_resources") is not None:
+        return  # the real ray imports fine (installed, and pkg_resources is there for it)
     sys.modules["ray"] = _RayUnavailable("ray")
     sys.modules["ray.tune"] = _RayTuneUnavailable()  # type: ignore[assignment]
 

@@ -220,8 +220,11 @@ class Config(RecBoleConfig):
         compat.numpy_aliases()
 
     def _load_cmd_line(self):
+        # ``--key=~`` / ``--key=null`` mean what ``~`` means in the YAML files (None), as the error
+        # messages say; RecBole's converter would keep them as strings
         return self._convert_config_dict(
-            {k: (v if isinstance(v, str) else v) for k, v in self._cmd_overrides.items()}
+            {k: (None if isinstance(v, str) and v.strip().lower() in ("~", "null") else v)
+             for k, v in self._cmd_overrides.items()}
         )
 
     def _set_default_parameters(self):

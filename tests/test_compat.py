@@ -70,6 +70,29 @@ def test_recbole_quick_start_imports_without_pkg_resources():
         assert out2.returncode != 0 and "setuptools<81" in out2.stderr
 
 
+
+def test_recbole_quick_start_imports_without_ray_installed(tmp_path):
+    """An environment with RecBole but no ray (installed without its dependencies): importing
+    recbole_mm and recbole.quick_start works, and only ray.tune's use fails, with the fix named.
+    A pkg_resources is put on the path so that the stand-in cannot come from its absence."""
+    (tmp_path / "pkg_resources.py").write_text("")
+    block = (
+        f"import sys; sys.path.insert(0, {str(tmp_path)!r})\n"  # ray made unfindable: the path finder answers None for it, as for a missing package
+        "import sys, importlib.machinery as m\n"
+        "class NoRay(m.PathFinder):\n"
+        "    @classmethod\n"
+        "    def find_spec(cls, name, path=None, target=None):\n"
+        "        if name == 'ray' or name.startswith('ray.'): return None\n"
+        "        return m.PathFinder.find_spec(name, path, target)\n"
+        "sys.meta_path = [NoRay if f is m.PathFinder else f for f in sys.meta_path]\n"
+    )
+    code = block + "import recbole_mm, recbole.quick_start as q; print(callable(q.run_recbole))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr[-2000:]
+    code2 = block + "import recbole_mm; from ray import tune; tune.report(x=1)"
+    out2 = subprocess.run([sys.executable, "-c", code2], capture_output=True, text=True, timeout=300)
+    assert out2.returncode != 0 and "ray<=2.6.3" in out2.stderr, out2.stderr[-2000:]
+
 def test_empty_sequence_field_under_copy_on_write(tmp_path, workdir):
     """A token_seq cell left empty must load as an empty sequence (inplace fillna is a no-op under CoW)."""
     from recbole.data.dataset import Dataset

@@ -100,3 +100,17 @@ def test_props_ship_in_the_package_and_a_missing_folder_is_an_error(tmp_path, mo
     monkeypatch.setenv("RECBOLE_MM_PROPS", str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="RECBOLE_MM_PROPS"):
         layered_prop_files("UniSRec", "Tiny", "finetune")
+
+
+def test_tilde_and_null_on_the_command_line_mean_none(tiny_root):
+    """``--save_step=~`` means what ``save_step: ~`` means in YAML (the error messages offer ``~``);
+    any other string is still checked and refused with the key named."""
+    from recbole_mm.errors import ConfigError
+
+    for none in ("~", "null", "NULL"):
+        c = Config("SASRec", "Tiny", cmd_overrides={**quick(tiny_root), "save_step": none, "steps_per_epoch": none})
+        assert c["save_step"] is None and c["steps_per_epoch"] is None
+    c = Config("SASRec", "Tiny", cmd_overrides={**quick(tiny_root), "save_step": "3"})
+    assert c["save_step"] == 3
+    with pytest.raises(ConfigError, match="--save_step"):
+        Config("SASRec", "Tiny", cmd_overrides={**quick(tiny_root), "save_step": "tilde"})

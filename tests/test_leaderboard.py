@@ -235,3 +235,38 @@ def test_report_states_the_history_a_bounded_context_model_reads():
     assert "Recformer (inductive) reads at most 10 items and 128 tokens per user: 4.61 of its test users' 5.73" in lines[0]
     assert "up to 50 items" in lines[1]
     assert _context_lines([other]) == []
+
+
+def test_sigterm_to_the_leaderboard_stops_its_running_cell(tiny_root, workdir):
+    """``kill`` / ``timeout`` on a leaderboard process: the cell's own process stops with it (no
+    orphan training on with nobody holding its claim), and the cell is reported interrupted."""
+    import signal
+    import subprocess
+    import sys
+
+    out = workdir / "res"
+    args = [sys.executable, "-m", "recbole_mm.cli", "leaderboard", "-d", "Tiny", "-m", "SASRec", "--seeds", "1",
+            "--data_path", str(tiny_root), "--out", str(out), "--epochs=500", "--stopping_step=1000",
+            "--train_batch_size", "64", "--topk=[10]", "--use_gpu=False", "--state=WARNING"]
+    parent = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=str(workdir))
+    try:
+        deadline, children = time.monotonic() + 120, []
+        while time.monotonic() < deadline and not children:
+            children = psutil.Process(parent.pid).children()
+            time.sleep(0.2)
+        assert children, "the cell's process never started"
+        (child,) = children
+        time.sleep(2)  # let it train
+        assert child.is_running()
+        parent.send_signal(signal.SIGTERM)
+        code = parent.wait(timeout=60)
+        assert code != 0
+        gone, alive = psutil.wait_procs([child], timeout=30)
+        assert not alive, "the cell's process outlived the leaderboard"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        for c in psutil.Process().children(recursive=True):
+            c.kill()
+    md = (out / "Tiny.md").read_text()
+    assert "interrupted" in md

@@ -23,6 +23,11 @@ seconds and peak RSS.  Outputs in ``--out``: ``<dataset>.md`` (table, failures, 
   next to ``<run>.pth``): when it exists the cell is finished and is not run again
   (``--rerun`` runs it anyway).  A changed config is a new name, so stale results are never
   reused.
+* The record: writing a report also writes what it reads of each finished result (metrics,
+  curve, timings; no checkpoint) to ``<out>/runs/<run>.json``, committed with the report.
+  Without ``<checkpoint_dir>/<run>.json`` (``saved/`` is git-ignored: a fresh clone) a cell is
+  finished when that record, or a finished line with its run name in ``<out>/*.runs.csv``,
+  exists (:mod:`.record`; ``--rerun`` ignores it too).
 * Resume: a cell interrupted mid-training has ``<run>.resume.pth`` (state after its last
   complete epoch); with ``--resume`` it continues from there (the run's ``--resume``),
   otherwise it starts again from scratch.
@@ -37,8 +42,9 @@ seconds and peak RSS.  Outputs in ``--out``: ``<dataset>.md`` (table, failures, 
   its from-scratch rows when MODEL is also in ``-m``.
 
 Modules: :mod:`.plan` (cells, config hashes, run names), :mod:`.execute` (one process per cell,
-claims, :func:`leaderboard`), :mod:`.stats` (mean +- std, rows), :mod:`.report` (table, CSVs,
-chart), :mod:`.cli` (the sub-command).
+claims, :func:`leaderboard`), :mod:`.record` (the committed record of finished cells),
+:mod:`.stats` (mean +- std, rows), :mod:`.report` (table, CSVs, chart), :mod:`.cli` (the
+sub-command).
 """
 
 from recbole_mm.leaderboard.plan import (  # noqa: F401

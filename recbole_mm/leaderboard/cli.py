@@ -20,6 +20,10 @@ the others still run.  A cell's result is its run's <checkpoint_dir>/<run>.json 
 default; <run> = lb-<dataset>-<Model>[-<mode>][-pt-<ckpt>]-s<seed>-<config hash>), next to its
 checkpoint and its log <run>.log: a finished cell is skipped when the command is run again
 (same config = same name), an interrupted one continues from <run>.resume.pth with --resume.
+Writing the report also writes what it reads of each finished result to <out>/runs/<run>.json
+(commit it with the report): without <checkpoint_dir>/<run>.json (a fresh clone) a cell is
+finished when its <out>/runs/<run>.json, or a finished line of <out>/*.runs.csv with the same
+run name, exists.
 ID-only models (SASRec, ...) ignore --mode; language-model recommenders (Recformer, ReoLM)
 take --lm-seeds and are marked LM.
 """
@@ -35,7 +39,7 @@ examples:
   recbole-mm leaderboard -d Scientific_mm -m SASRec,Recformer --lm-seeds 1 --set Recformer:epochs=2 ...
   # after an interruption: finished cells are skipped, interrupted ones continue
   recbole-mm leaderboard ... --resume
-  # only rewrite the report from the finished cells
+  # only rewrite the report from the finished cells (in a fresh clone: from the committed results/runs/)
   recbole-mm leaderboard ... --report-only
 
 Any other --key=value (or --key value) is a config override given to every run (as for finetune).
@@ -64,9 +68,14 @@ def register(sub) -> None:
     p.add_argument("--config_files", nargs="+", default=None, metavar="YAML", help="extra YAML files for every run")
     p.add_argument("--out", default="results", metavar="DIR", help="report folder (default: results/)")
     p.add_argument("--resume", action="store_true",
-                   help="continue interrupted cells from their <run>.resume.pth (default: start them again)")
-    p.add_argument("--rerun", action="store_true", help="run finished cells again (default: skip them)")
-    p.add_argument("--report-only", action="store_true", help="run nothing; write the report from finished cells")
+                   help="continue interrupted cells from their <run>.resume.pth (default: start them again); "
+                        "finished cells (saved/<run>.json, else the record <out>/runs/<run>.json or a line of "
+                        "<out>/*.runs.csv) are skipped")
+    p.add_argument("--rerun", action="store_true",
+                   help="run finished cells again, ignoring saved/ and the record in <out> (default: skip them)")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing; write the report from finished cells: saved/<run>.json, else the committed "
+                        "record <out>/runs/<run>.json, else a finished line of <out>/*.runs.csv (no curve)")
     p.add_argument("--isolation", choices=["subprocess", "fork"], default="subprocess",
                    help="each cell in a fresh Python process (default) or a fork of this one (no import time; "
                         "only from a process that has not run torch ops: OpenMP pools do not survive fork)")

@@ -4,34 +4,38 @@ log files; :func:`leaderboard` runs the missing cells of a plan and rewrites the
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 
 from recbole_mm.leaderboard.plan import Cell, LeaderboardError, _one_line, plan
+from recbole_mm.leaderboard.record import _read_json, is_recorded, recorded_result
 from recbole_mm.leaderboard.report import write_report
 from recbole_mm.leaderboard.stats import _metric_key, metric_title
 from recbole_mm.utils import pid_alive, write_json
 
 
-def _read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def finished_result(cell: Cell) -> dict | None:
+def finished_result(cell: Cell, out=None) -> dict | None:
+    """The cell's result when it is finished: its run's ``<checkpoint_dir>/<run>.json``; when that
+    is missing and ``out`` (a report folder) is given, the committed record there
+    (:func:`recbole_mm.leaderboard.record.recorded_result`, marked ``recorded_from``)."""
     if not cell.run_name:
         return None
-    res = _read_json(cell.result_file)
-    if not res or (res.get("config") or {}).get("run_name") != cell.run_name:
+    res = _usable(cell, _read_json(cell.result_file))
+    if res is None and out is not None:
+        res = _usable(cell, recorded_result(cell.run_name, out))
+    return res
+
+
+def _usable(cell: Cell, res) -> dict | None:
+    if not isinstance(res, dict) or (res.get("config") or {}).get("run_name") != cell.run_name:
         return None
     if res.get("test") is None and cell.stage != "pretrain":  # pre-training has no test split
         return None
@@ -81,6 +85,25 @@ def _launch(cell: Cell, isolation: str, log):
         finally:
             os._exit(code)
     return pid, None
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """While a cell's process runs: SIGTERM to this process (``kill``, ``timeout``, a job
+    scheduler) is handled as Ctrl-C is, so the cell's process is stopped with it and the cell is
+    reported interrupted, instead of the cell running on, orphaned, with nobody holding its claim."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _wait(pid, proc, timeout):
@@ -195,7 +218,8 @@ def execute(cell: Cell, dataset, config_files, resume: bool, isolation: str, tim
         log.flush()
         pid, proc = _launch(cell, isolation, log)
         try:
-            code, peak, timed_out = _wait(pid, proc, timeout)
+            with _terminate_as_interrupt():
+                code, peak, timed_out = _wait(pid, proc, timeout)
         except KeyboardInterrupt:
             try:
                 os.kill(pid, signal.SIGTERM)
@@ -206,7 +230,7 @@ def execute(cell: Cell, dataset, config_files, resume: bool, isolation: str, tim
             cell.seconds = time.monotonic() - t0
             raise
     cell.seconds, cell.child_peak_rss_mb = time.monotonic() - t0, peak
-    result = finished_result(cell) if code == 0 else None
+    result = finished_result(cell) if code == 0 else None  # the run's own file, never the record
     if result is not None:
         cell.status, cell.result, cell.error = "finished", result, None
         return
@@ -248,7 +272,7 @@ def leaderboard(dataset, models, modes=None, pretrained=None, seeds=3, lm_seeds=
     for c in cells:
         if c.status == "failed":
             continue
-        res = None if rerun else finished_result(c)
+        res = None if rerun else finished_result(c, out)
         if res is not None:
             c.status, c.result = "skipped", res
         elif report_only:
@@ -256,14 +280,16 @@ def leaderboard(dataset, models, modes=None, pretrained=None, seeds=3, lm_seeds=
         else:
             todo.append(c)
     n_done = sum(c.result is not None for c in cells)
-    log(f"leaderboard {dataset}: {len(cells)} cells, {n_done} finished before, {len(todo)} to run")
+    n_recorded = sum(is_recorded(c.result) for c in cells)
+    log(f"leaderboard {dataset}: {len(cells)} cells, {n_done} finished before"
+        + (f" ({n_recorded} read from the record in {out})" if n_recorded else "") + f", {len(todo)} to run")
 
     def report():
         return write_report(dataset, cells, notes, out, command, seeds_desc, lm_desc)
 
     try:
         for i, c in enumerate(todo, 1):
-            res = None if rerun else finished_result(c)
+            res = None if rerun else finished_result(c, out)
             if res is not None:  # finished meanwhile by another leaderboard process sharing checkpoint_dir
                 c.status, c.result = "skipped", res
                 log(f"[{i}/{len(todo)}] {c.label}: finished meanwhile by another process, skipped")

@@ -10,6 +10,7 @@ import platform
 import sys
 
 from recbole_mm.model import language_models
+from recbole_mm.leaderboard.record import RECORD_DIR, epoch_count, record_note, write_records
 from recbole_mm.leaderboard.stats import _fmt, _int, _num, _row_stats, build_rows, metric_keys, metric_title
 from recbole_mm.utils import atomic_write
 
@@ -26,6 +27,7 @@ def write_report(dataset, cells, notes, out, command=None, seeds_desc="", lm_see
     atomic_write(paths["csv"], _rows_csv(rows, keys))
     atomic_write(paths["runs_csv"], _runs_csv(cells, keys))
     atomic_write(paths["md"], _markdown(dataset, rows, keys, notes, command, paths, seeds_desc, lm_seeds_desc))
+    write_records(cells, out)
     return paths
 
 
@@ -60,9 +62,9 @@ def _runs_csv(cells, keys) -> str:
         t = res.get("timings") or {}
         p = res.get("params") or {}
         w.writerow([c.model, c.mode_label, c.pretrained or "", "" if c.seed is None else c.seed, c.status,
-                    c.run_name or "", c.result_file if c.result else ""]
+                    c.run_name or "", (res.get("recorded_from") or c.result_file) if c.result else ""]
                    + [_num((res.get("test") or {}).get(k)) for k in keys]
-                   + [_num(p.get("total")), _num(p.get("trainable")), _num(len(res.get("history") or []) if res else None),
+                   + [_num(p.get("total")), _num(p.get("trainable")), _num(epoch_count(res) if res else None),
                       _num(res.get("best_epoch")), _num(t.get("mean_train_seconds_per_epoch")),
                       _num(t.get("test_seconds")), _num(t.get("peak_rss_mb")), _num(t.get("total_seconds")),
                       c.error or ""])
@@ -76,7 +78,8 @@ def _markdown(dataset, rows, keys, notes, command, paths, seeds_desc, lm_seeds_d
         means = [m for m in means if m is not None]
         if len(means) > 1:
             best[k] = max(means)
-    valid_metrics = {str((c.result.get("config") or {}).get("valid_metric")) for r in rows for c in r.done}
+    valid_metrics = {str((c.result.get("config") or {}).get("valid_metric")) for r in rows for c in r.done
+                     if (c.result.get("config") or {}).get("valid_metric")}  # a .runs.csv line has no config
     lines = [f"# Leaderboard: {dataset}", ""]
     lines.append(
         "RecBole full-ranking test metrics of the best-validation checkpoint"
@@ -128,6 +131,12 @@ def _markdown(dataset, rows, keys, notes, command, paths, seeds_desc, lm_seeds_d
         lines += [f"LM: language-model recommender ({', '.join(language_models())}) in its props' small CPU "
                   f"configuration, run with {lm_seeds_desc or 'fewer'} seed(s) instead of {seeds_desc}.", ""]
     lines += _context_lines(rows)
+    recorded = record_note([c for r in rows for c in r.cells])
+    if recorded:
+        lines.append(f"* {recorded}")
+    accelerated = _accelerated_note(rows)
+    if accelerated:
+        lines.append(f"* {accelerated}")
     for n in notes:
         lines.append(f"* {n}")
     failures = [c for c in (c for r in rows for c in r.cells) if c.error]
@@ -139,7 +148,9 @@ def _markdown(dataset, rows, keys, notes, command, paths, seeds_desc, lm_seeds_d
     lines += ["", "## Command", "", "```bash", command or "(Python API)", "```", ""]
     lines.append(f"Per-seed values: `{os.path.basename(paths['runs_csv'])}`; per-row: "
                  f"`{os.path.basename(paths['csv'])}`. Each run's result JSON, checkpoint and log are in "
-                 f"its checkpoint_dir as `<run>.json`, `<run>.pth`, `<run>.log` (run names in the per-seed CSV).")
+                 f"its checkpoint_dir as `<run>.json`, `<run>.pth`, `<run>.log` (run names in the per-seed CSV); "
+                 f"what the report reads of each result is also kept here in `{RECORD_DIR}/<run>.json`, read when "
+                 "checkpoint_dir lacks it.")
     lines.append("")
     lines.append(f"Machine: {_machine()}.")
     lines.append("")
@@ -168,6 +179,22 @@ def _context_lines(rows) -> list[str]:
                        "(MAX_ITEM_LIST_LENGTH), i.e. every history item counted above.")
         out.append("")
     return out
+
+
+def _accelerated_note(rows) -> str | None:
+    """Which rows' runs ran on an accelerator (their result's ``config.device``): their seconds per
+    epoch are not CPU seconds, unlike the machine line below."""
+    ran = {}
+    for r in rows:
+        for c in r.done:
+            device = str((c.result.get("config") or {}).get("device") or "cpu").split(":")[0]
+            if device != "cpu":
+                ran.setdefault(device, []).append(f"{r.name}{f' ({r.mode})' if r.mode else ''} seed {c.seed}")
+    if not ran:
+        return None
+    parts = [f"{', '.join(dict.fromkeys(labels))} on {device}" for device, labels in ran.items()]
+    return (f"Run on an accelerator, not on the machine below: {'; '.join(parts)}; their seconds per epoch "
+            "are that device's.")
 
 
 def _md_escape(text: str) -> str:

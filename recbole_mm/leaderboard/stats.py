@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 
 from recbole_mm.leaderboard.plan import METRIC_NAMES, METRIC_ORDER
+from recbole_mm.leaderboard.record import epoch_count
 
 
 def _metric_key(name: str):
@@ -100,7 +101,7 @@ def _row_stats(row: Row) -> dict:
     done = row.done
     first = done[0].result if done else {}
     params = first.get("params") or {}
-    epochs = _mean_std([len(c.result.get("history") or []) for c in done])[0]
+    epochs = _mean_std([epoch_count(c.result) for c in done])[0]
     best = _mean_std([c.result.get("best_epoch") for c in done])[0]
     valid_s = _mean_std([_avg((c.result.get("timings") or {}).get("valid_seconds_per_epoch")) for c in done])[0]
     peaks = [(c.result.get("timings") or {}).get("peak_rss_mb") for c in done]

@@ -18,7 +18,11 @@ mean +- std over seeds, best epochs and steps, costs.
 
 Every run is a cell of the leaderboard's machinery: its own process, named by a hash of its
 resolved config, skipped when finished (run the same command again to continue; --resume
-continues interrupted cells from their last epoch), failures reported in the table.
+continues interrupted cells from their last epoch), failures reported in the table.  A cell
+is finished when saved/<run>.json exists, else when the committed record <out>/runs/<run>.json
+(written with the reports) or a finished line of <out>/*.runs.csv has its run name; a
+recorded pre-training whose checkpoint is not in saved/ is pre-trained again (not with
+--no-pretrain / --report-only).
 """
 
 EPILOG = """\
@@ -74,9 +78,13 @@ def register(sub) -> None:
                    help="a config override for one model's pre-training (repeatable)")
     p.add_argument("--config_files", nargs="+", default=None, metavar="YAML", help="extra YAML files for every run")
     p.add_argument("--out", default="results", metavar="DIR", help="report folder (default: results/)")
-    p.add_argument("--resume", action="store_true", help="continue interrupted cells from their <run>.resume.pth")
-    p.add_argument("--rerun", action="store_true", help="run finished cells again")
-    p.add_argument("--report-only", action="store_true", help="run nothing; write the reports from finished cells")
+    p.add_argument("--resume", action="store_true",
+                   help="continue interrupted cells from their <run>.resume.pth; finished cells (saved/<run>.json, "
+                        "else the record <out>/runs/<run>.json or a line of <out>/*.runs.csv) are skipped")
+    p.add_argument("--rerun", action="store_true", help="run finished cells again, ignoring saved/ and the record")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing; write the reports from finished cells: saved/<run>.json, else the committed "
+                        "record <out>/runs/<run>.json, else a finished line of <out>/*.runs.csv (no curve)")
     p.add_argument("--no-pretrain", action="store_true",
                    help="run no pre-training: fine-tune from the pre-trained checkpoints that exist already (each "
                         "epoch's is final once written), so a second process (e.g. on the other core) fine-tunes "

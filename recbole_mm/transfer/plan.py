@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from recbole_mm import leaderboard as lb
 from recbole_mm.leaderboard import Cell, LeaderboardError
+from recbole_mm.leaderboard.record import is_recorded
 
 DEFAULT_METRIC = "ndcg@10"
 SECOND_METRIC = "recall@10"
@@ -87,6 +88,13 @@ def _own_epochs(model: str, own: dict) -> int | None:
     return n
 
 
+def _why_no_checkpoint(cell: Cell) -> str:
+    if is_recorded(cell.result):
+        return ("its pre-training is finished in the committed record, but its checkpoints are not in "
+                f"{cell.checkpoint_dir}: run without --no-pretrain / --report-only to pre-train again")
+    return "pre-training not that far"
+
+
 def _other_pretraining(cell: Cell) -> str:
     """A hint when the same model was pre-trained on the same corpus with another configuration
     (most often another total length: ``--pt-epochs`` / ``--curve`` / ``--pt-set MODEL:epochs``
@@ -149,7 +157,7 @@ def plan_targets(models, targets, modes, fractions, seeds, lm_seeds, overrides, 
     for c in pre_cells:
         if c.model not in ready:
             notes.append(f"{c.model}: no checkpoint after {getattr(c, 'transfer_epoch', '?')} pre-training epochs yet "
-                         f"({c.error or 'pre-training not that far'}); pre-trained and zero-shot rows missing"
+                         f"({c.error or _why_no_checkpoint(c)}); pre-trained and zero-shot rows missing"
                          + _other_pretraining(c))
     for target in targets:
         for f in fractions:

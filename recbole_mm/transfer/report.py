@@ -9,8 +9,9 @@ import sys
 
 from recbole_mm import leaderboard as lb
 from recbole_mm.leaderboard import Cell
+from recbole_mm.leaderboard.record import epoch_count, is_recorded, record_note, write_records
 from recbole_mm.utils import atomic_write
-from recbole_mm.transfer.plan import DEFAULT_METRIC, SECOND_METRIC, TransferPlan
+from recbole_mm.transfer.plan import DEFAULT_METRIC, SECOND_METRIC, TransferPlan, checkpoint_of
 
 
 def _metric(cells, key):
@@ -122,15 +123,21 @@ def _costs(plan: TransferPlan, target) -> list[str]:
     lines = []
     for c in plan.pretrain:
         history, peak = _pretrain_progress(c)
-        if not history:
+        n = epoch_count(c.result) if c.result else len(history)
+        if not n:
             lines.append(f"* pre-training {c.model}: {c.status}" + (f" ({c.error})" if c.error else ""))
             continue
         secs = [h.get("train_seconds") for h in history if h.get("train_seconds")]
-        lines.append(f"* pre-training {c.model} on {c.dataset.replace(',', ' + ')}: {len(history)} epoch(s) "
+        per_epoch = sum(secs) / len(secs) if secs else ((c.result or {}).get("timings") or {}).get(
+            "mean_train_seconds_per_epoch") or 0  # a .runs.csv line: its mean, no history
+        lines.append(f"* pre-training {c.model} on {c.dataset.replace(',', ' + ')}: {n} epoch(s) "
                      + ("" if c.result else "so far (running or interrupted) ")
-                     + f"of {c.overrides.get('epochs', '?')}, {sum(secs) / max(1, len(secs)):,.0f} s per epoch"
+                     + f"of {c.overrides.get('epochs', '?')}, {per_epoch:,.0f} s per epoch"
                      + (f", peak RSS {peak:,.0f} MB" if peak else "") + f"; transferred: the checkpoint after "
-                     f"epoch {c.transfer_epoch} (run `{c.run_name}`)")
+                     f"epoch {c.transfer_epoch} (run `{c.run_name}`)"
+                     + ("; recorded, its checkpoint is not in checkpoint_dir (fine-tuning from it needs the "
+                        "pre-training run again)" if is_recorded(c.result) and not os.path.isfile(checkpoint_of(c))
+                        else ""))
     cells = [c for c in plan.finetune + plan.zero_shot + plan.baselines if c.dataset == target and c.result]
     seconds = sum((c.result.get("timings") or {}).get("total_seconds") or 0 for c in cells)
     pre_s = sum((c.result.get("timings") or {}).get("total_seconds") or 0 if c.result else  # unfinished: its epochs
@@ -204,15 +211,18 @@ def render_markdown(target, plan: TransferPlan, command, settings) -> str:
                          + ("–" if r["delta"] is None else f"{r['delta']:+.4f}")
                          + f" | {r['scratch_n']}+{r['pretrained_n']} |")
     lines += ["", f"![transfer to {target}](transfer-{target}.png)", "", "## Costs", ""] + _costs(plan, target)
-    if plan.notes:
-        lines += ["", "## Notes", ""] + [f"* {n}" for n in plan.notes]
+    recorded = record_note(_report_cells(plan, target))
+    notes = plan.notes + ([recorded] if recorded else [])
+    if notes:
+        lines += ["", "## Notes", ""] + [f"* {n}" for n in notes]
     failures = [c for c in plan.pretrain + plan.finetune + plan.zero_shot + plan.baselines
                 if c.error and (c.dataset == target or c.stage == "pretrain")]
     if failures:
         lines += ["", "## Failures", ""] + [f"* {c.dataset} {c.label}: {lb._md_escape(c.error)}" for c in failures]
     lines += ["", "## Command", "", "```bash", command or "(Python API)", "```", "",
               f"Per-run values: `transfer-{target}.runs.csv` (run names: results, checkpoints and logs in "
-              "checkpoint_dir as `<run>.json`, `<run>.pth`, `<run>.log`).", "", f"Machine: {lb._machine()}.", ""]
+              "checkpoint_dir as `<run>.json`, `<run>.pth`, `<run>.log`; what the report reads of each result "
+              "also here in `runs/<run>.json`).", "", f"Machine: {lb._machine()}.", ""]
     return "\n".join(lines)
 
 
@@ -233,20 +243,25 @@ def _csv(rows) -> str:
     return buf.getvalue()
 
 
+def _report_cells(plan: TransferPlan, target) -> list[Cell]:
+    """The cells of a target's report: the pre-training ones, then the target's own."""
+    return plan.pretrain + [c for c in plan.baselines + plan.zero_shot + plan.finetune if c.dataset == target]
+
+
 def _runs_csv(target, plan: TransferPlan) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["kind", "dataset", "model", "mode", "fraction", "pretrained", "seed", "run_name", "status",
                 "ndcg@10", "recall@10", "best_epoch", "best_step", "steps", "epochs", "train_s_per_epoch",
                 "total_seconds", "peak_rss_mb", "error"])
-    for c in plan.pretrain + [c for c in plan.baselines + plan.zero_shot + plan.finetune if c.dataset == target]:
+    for c in _report_cells(plan, target):
         r = c.result or {}
         t = r.get("timings") or {}
         test = r.get("test") or {}
         w.writerow([getattr(c, "kind", c.stage), c.dataset, c.model, c.mode_label, getattr(c, "fraction", ""),
                     c.pretrained or "", c.seed, c.run_name, c.status, lb._num(test.get(DEFAULT_METRIC)),
                     lb._num(test.get(SECOND_METRIC)), r.get("best_epoch", ""), r.get("best_step", ""),
-                    r.get("steps", ""), len(r.get("history") or []), lb._num(t.get("mean_train_seconds_per_epoch")),
+                    r.get("steps", ""), epoch_count(r), lb._num(t.get("mean_train_seconds_per_epoch")),
                     lb._num(t.get("total_seconds")), lb._num(t.get("peak_rss_mb")), c.error or ""])
     return buf.getvalue()
 
@@ -288,4 +303,5 @@ def write_transfer_report(target, plan: TransferPlan, out, command, settings) ->
     atomic_write(paths["csv"], _csv(rows + comparison_rows(target, plan, "curve")))
     atomic_write(paths["runs_csv"], _runs_csv(target, plan))
     atomic_write(paths["md"], render_markdown(target, plan, command, settings))
+    write_records(_report_cells(plan, target), out)
     return paths

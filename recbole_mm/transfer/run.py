@@ -6,7 +6,8 @@ import os
 
 from recbole_mm import leaderboard as lb
 from recbole_mm.leaderboard import Cell, LeaderboardError
-from recbole_mm.transfer.plan import TransferPlan, _fraction_list, plan_pretrain, plan_targets
+from recbole_mm.leaderboard.record import is_recorded
+from recbole_mm.transfer.plan import TransferPlan, _fraction_list, checkpoint_of, plan_pretrain, plan_targets
 from recbole_mm.transfer.report import write_transfer_report
 
 
@@ -17,15 +18,27 @@ def _priority(c: Cell):
     return (kind, getattr(c, "fraction", 1.0), c.mode_label != "inductive", c.seed or 0, bool(c.pretrained))
 
 
+def _finished(c: Cell, out, rerun: bool, report_only: bool) -> dict | None:
+    """The cell's result when it need not run (saved/, else the committed record in ``out``).  A
+    pre-training read from the record whose transferred checkpoint is not in checkpoint_dir is no
+    checkpoint to fine-tune from: it runs again (as a missing one does), unless nothing is run
+    (``report_only``: its costs stay in the report)."""
+    res = None if rerun else lb.finished_result(c, out)
+    if (res is not None and c.stage == "pretrain" and is_recorded(res) and not report_only
+            and not os.path.isfile(checkpoint_of(c))):
+        return None
+    return res
+
+
 def _run_cells(cells, config_files, resume, rerun, isolation, timeout, log, report=None, report_only=False,
-               order=False):
+               order=False, out=None):
     todo = []
     if order:
         cells = sorted(cells, key=_priority)
     for c in cells:
         if c.status == "failed":
             continue
-        res = None if rerun else lb.finished_result(c)
+        res = _finished(c, out, rerun, report_only)
         if res is not None:
             c.status, c.result = "skipped", res
         elif report_only:
@@ -33,7 +46,7 @@ def _run_cells(cells, config_files, resume, rerun, isolation, timeout, log, repo
         else:
             todo.append(c)
     for i, c in enumerate(todo, 1):
-        res = None if rerun else lb.finished_result(c)
+        res = _finished(c, out, rerun, False)
         if res is not None:  # finished meanwhile by another process sharing checkpoint_dir
             c.status, c.result = "skipped", res
             log(f"[{i}/{len(todo)}] {c.dataset} {c.label}: finished meanwhile by another process, skipped")
@@ -95,7 +108,8 @@ def transfer(models, corpus, targets, modes=None, fractions="1.0", seeds=3, lm_s
         log(f"transfer: --no-pretrain: the pre-trained checkpoints that exist are used ({corpus})")
     else:
         log(f"transfer: pre-training {len(pre)} model(s) on {corpus}")
-    _run_cells(pre, config_files, resume, rerun, isolation, timeout, log, report_only=report_only or no_pretrain)
+    _run_cells(pre, config_files, resume, rerun, isolation, timeout, log, report_only=report_only or no_pretrain,
+               out=out)
     ft, zs, base, notes = plan_targets(models, targets, modes, fraction_list, seed_list, lm_seed_list, overrides,
                                        dict(model_overrides or {}), config_files, pre, min_steps, zero_shot, curve)
     plan = TransferPlan(pre, ft, zs, base, notes)
@@ -112,7 +126,7 @@ def transfer(models, corpus, targets, modes=None, fractions="1.0", seeds=3, lm_s
     try:
         # cheap cells first (popularity, zero-shot), then the fine-tuning runs
         _run_cells(base + zs + ft, config_files, resume, rerun, isolation, timeout, log, report, report_only,
-                   order=True)
+                   order=True, out=out)
     except KeyboardInterrupt:
         report()
         raise
