@@ -1,7 +1,9 @@
 """The committed record of finished cells (``<out>/runs/<run>.json``, else a line of a committed
 ``<out>/*.runs.csv``): a leaderboard / transfer without ``saved/`` (a fresh clone) keeps its
 finished rows and does not run them again; ``--rerun`` does; a recorded pre-training without its
-checkpoints is pre-trained again.  Cells run in this process (fast; no fork after torch ops)."""
+checkpoints is pre-trained again, and the sizes its record keeps name the cells fine-tuned from
+them (found in the record, never run from it).  Cells run in this process (fast; no fork after
+torch ops)."""
 
 import csv
 import json
@@ -115,7 +117,81 @@ def test_a_runs_csv_line_alone_gives_the_row_its_metrics_and_epochs(tiny_root, w
     assert row2 == row
 
 
+def test_without_saved_the_pretrained_rows_come_from_the_record_and_are_never_run_from_it(tmp_path, workdir,
+                                                                                          in_process):
+    """The pre-training's record keeps its checkpoints' sizes: without ``saved/`` the pre-trained,
+    zero-shot and curve cells get the run names they had (the size is in the hash), so their rows
+    come back from the record; one not finished there is not run (no checkpoint to start from);
+    the recorded pre-training itself runs again only in a run that pre-trains."""
+    make_dataset(tmp_path / "pt", "DomA", n_users=60, n_items=20, seed=3)
+    make_dataset(tmp_path / "data", "Tiny", n_users=60, n_items=20, seed=0)
+    from recbole_mm.leaderboard.record import checkpoint_sizes, recorded_result
+    from recbole_mm.transfer import checkpoint_of, transfer
+
+    ov = _overrides(tmp_path / "data", epochs=1)
+    out = str(tmp_path / "results")
+    kw = dict(models="UniSRec", corpus="DomA", targets="Tiny", modes="inductive", fractions="1.0", seeds=1,
+              overrides=ov, pretrain_path=str(tmp_path / "pt"), pt_epochs=2, curve="1", min_steps=1, out=out,
+              log=_quiet)
+    first = transfer(**kw)["plan"]
+    (pt,) = first.pretrain
+    assert pt.status == "finished" and os.path.isfile(record_path(out, pt.run_name))
+    sizes = {e: os.path.getsize(checkpoint_of(pt, e)) for e in (1, 2)}
+    assert checkpoint_sizes(pt.run_name, out) == sizes  # kept in the pre-training's record
+    cells = first.finetune + first.zero_shot + first.baselines
+    assert all(c.status == "finished" for c in cells)
+    from_pt = {c.run_name: c.result["test"] for c in cells if c.pretrained}
+    assert sorted((c.kind, c.pt_epoch) for c in cells if c.pretrained) == [("curve", 1), ("finetune", None),
+                                                                          ("zero-shot", None)]
+    md_path, csv_path = os.path.join(out, "transfer-Tiny.md"), os.path.join(out, "transfer-Tiny.csv")
+    table, rows = _table(md_path), open(csv_path).read()
+
+    shutil.rmtree("saved")  # checkpoints and saved/ results gone (a fresh clone); the record stays
+    p = transfer(**kw, report_only=True)["plan"]
+    assert p.pretrain[0].status == "skipped" and not p.pretrain[0].ran
+    again = p.finetune + p.zero_shot + p.baselines
+    assert {c.run_name: c.result["test"] for c in again if c.pretrained} == from_pt  # the same names, numbers
+    assert all(c.status == "skipped" and c.pretrained_recorded for c in again if c.pretrained)
+    assert _table(md_path) == table and open(csv_path).read() == rows
+    md = open(md_path).read()
+    assert "only their sizes in the committed record" in md and "rows missing" not in md
+    assert checkpoint_sizes(pt.run_name, out) == sizes  # a report without the files keeps the sizes
+
+    # a run that pre-trains nothing, with a second seed: its pre-trained cells have no checkpoint to start from
+    p = transfer(**dict(kw, seeds=2), no_pretrain=True)["plan"]
+    assert p.pretrain[0].status == "skipped" and not p.pretrain[0].ran and not os.path.isfile(checkpoint_of(pt))
+    again = p.finetune + p.zero_shot + p.baselines
+    assert {c.run_name: c.result["test"] for c in again if c.pretrained and c.seed == 2020} == from_pt
+    assert all(not c.ran for c in again if c.pretrained)
+    unrun = sorted((c.kind, c.status) for c in again if c.pretrained and c.seed == 2021)
+    assert unrun == [("curve", "not run"), ("finetune", "not run")]
+    assert all("only in the committed record" in c.error for c in again if c.status == "not run")
+    assert all(c.status == "finished" and c.ran for c in again if not c.pretrained and c.seed == 2021)
+    md = open(md_path).read()
+    assert "pretrained 1/2 (not run: its checkpoint is only in the committed record: pre-train again) |" in md
+    assert "## Failures" not in md
+
+    # a run that pre-trains: the recorded pre-training (no checkpoint) runs again, as before; its
+    # checkpoints are the same size, so the pre-trained cells keep their names and are not run again
+    p = transfer(**kw)["plan"]
+    (pt2,) = p.pretrain
+    assert pt2.status == "finished" and pt2.ran and os.path.isfile(checkpoint_of(pt2))
+    assert {e: os.path.getsize(checkpoint_of(pt2, e)) for e in (1, 2)} == sizes
+    again = p.finetune + p.zero_shot + p.baselines
+    assert all(not c.ran and c.status == "skipped" and not c.pretrained_recorded for c in again)
+    assert {c.run_name: c.result["test"] for c in again if c.pretrained} == from_pt
+    assert _table(md_path) == table
+
+    # the sizes alone of a pre-training not finished: no result, its checkpoints still named
+    rec = record_path(out, "tr-pt-unfinished")
+    with open(rec, "w") as f:
+        json.dump({"checkpoint_sizes": {"1": 123}}, f)
+    assert recorded_result("tr-pt-unfinished", out) is None and checkpoint_sizes("tr-pt-unfinished", out) == {1: 123}
+
+
 def test_a_recorded_pretraining_without_its_checkpoint_is_pretrained_again(tmp_path, workdir, in_process):
+    """A record without checkpoint sizes (written before they were kept): no pre-trained cell is
+    planned from it; a run that pre-trains runs it again."""
     make_dataset(tmp_path / "pt", "DomA", n_users=60, n_items=20, seed=3)
     make_dataset(tmp_path / "data", "Tiny", n_users=60, n_items=20, seed=0)
     from recbole_mm.transfer import checkpoint_of, transfer
@@ -132,7 +208,11 @@ def test_a_recorded_pretraining_without_its_checkpoint_is_pretrained_again(tmp_p
     scratch = [c for c in first.finetune if not c.pretrained]
     assert scratch and all(c.status == "finished" for c in scratch)
 
-    shutil.rmtree("saved")  # checkpoints (and saved/ results) gone; the record stays
+    shutil.rmtree("saved")  # checkpoints (and saved/ results) gone; the record stays, without sizes
+    rec = json.load(open(record_path(out, pt.run_name)))
+    del rec["checkpoint_sizes"]
+    with open(record_path(out, pt.run_name), "w") as f:
+        json.dump(rec, f)
     md_path = os.path.join(out, "transfer-Tiny.md")
     for flags in (dict(report_only=True), dict(no_pretrain=True)):  # nothing pre-trains: costs from the record
         p = transfer(**kw, **flags)["plan"]
@@ -140,7 +220,7 @@ def test_a_recorded_pretraining_without_its_checkpoint_is_pretrained_again(tmp_p
         assert [c.status for c in p.finetune if not c.pretrained] == ["skipped"]
         md = open(md_path).read()
         assert "pre-training UniSRec on DomA: 1 epoch(s)" in md and "recorded, its checkpoint is not in" in md
-        assert not any(c.pretrained for c in p.finetune)  # never planned from a recorded pre-training
+        assert not any(c.pretrained for c in p.finetune)  # no size, no name: never planned
         assert "its pre-training is finished in the committed record" in md
 
     again = transfer(**kw)["plan"]  # a real run: the recorded pre-training is no checkpoint, it runs again
@@ -148,3 +228,25 @@ def test_a_recorded_pretraining_without_its_checkpoint_is_pretrained_again(tmp_p
     assert pt2.status == "finished" and pt2.ran and os.path.isfile(checkpoint_of(pt2))
     assert all(not c.ran for c in again.finetune if not c.pretrained)  # the recorded scratch cells are not
     assert any(c.pretrained and c.result for c in again.finetune)
+
+
+def test_an_unfinished_pretraining_keeps_its_epochs_in_the_record(tmp_path):
+    """The report's costs of a pre-training still running (read from its .resume.pth) survive the
+    file: its record keeps the epochs so far, never fewer than it had, and a report without the
+    file reads them from there."""
+    from types import SimpleNamespace as NS
+
+    from recbole_mm.leaderboard.record import recorded_progress, write_records
+    from recbole_mm.transfer.report import _pretrain_progress
+
+    out = str(tmp_path / "results")
+    cell = NS(run_name="tr-pt-X-abc", result=None, resume_file=str(tmp_path / "missing.resume.pth"))
+    two = [{"epoch": 0, "train_seconds": 900.5, "train_loss": 4.0, "metrics": {"a": 1}},
+           {"epoch": 1, "train_seconds": 880.0, "train_loss": 3.5}]
+    write_records([cell], out, {"tr-pt-X-abc": {1: 123}}, {"tr-pt-X-abc": two})
+    write_records([cell], out, {}, {"tr-pt-X-abc": two[:1]})  # a shorter history never replaces it
+    got = recorded_progress("tr-pt-X-abc", out)
+    assert [h["train_seconds"] for h in got] == [900.5, 880.0] and "metrics" not in got[0]
+    history, peak = _pretrain_progress(cell, out)
+    assert [h["epoch"] for h in history] == [0, 1] and peak is None
+    assert _pretrain_progress(cell)[0] == []  # no record folder given: nothing known

@@ -57,6 +57,7 @@ from recbole_mm.leaderboard.plan import (  # noqa: F401
     LeaderboardError,
     _one_line,
     _safe,
+    checkpoint_size,
     config_hash,
     is_lm,
     parse_model_overrides,

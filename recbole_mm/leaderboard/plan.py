@@ -57,6 +57,9 @@ class Cell:
     child_peak_rss_mb: float | None = None
     stage: str = "finetune"         # finetune | pretrain (recbole-mm transfer's pre-training cells)
     dataset: str | None = None      # the cell's own dataset (transfer: targets and corpus); None: the command's
+    # its pre-trained checkpoint was not on disk when planned: named with the size the committed
+    # record of its pre-training keeps (``known_sizes`` of :func:`plan`); finished there, or never run
+    pretrained_recorded: bool = False
 
     @property
     def row_key(self):
@@ -148,15 +151,26 @@ def supported_modes(cls) -> tuple[str, ...] | None:
     return tuple(m for m in MODES if f"{m}_ft" in stages)
 
 
-def config_hash(config, pretrained: str | None) -> str:
+def checkpoint_size(path: str, known_sizes: dict | None = None) -> int | None:
+    """A pre-trained checkpoint's size in bytes (part of a fine-tuning cell's hash): the file's;
+    when it is not on disk, the size ``known_sizes`` (``{path: bytes}``: what the committed record
+    of its pre-training keeps, :func:`recbole_mm.leaderboard.record.checkpoint_sizes`) gives for
+    that path; else None."""
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return (known_sizes or {}).get(path)
+
+
+def config_hash(config, pretrained: str | None, known_sizes: dict | None = None) -> str:
+    """The run's hash: its resolved config (less :data:`HASH_EXCLUDE`), its data folder and the
+    pre-trained checkpoint's real path and size (:func:`checkpoint_size`)."""
     from recbole_mm.config import config_to_plain
 
     plain = {k: v for k, v in config_to_plain(config).items()
              if k not in HASH_EXCLUDE and not (k in HASH_NEUTRAL and v == HASH_NEUTRAL[k])}
     plain["data_root"] = os.path.realpath(str(config["data_path"]))
     if pretrained:
-        plain["__pretrained__"] = [os.path.realpath(pretrained),
-                                   os.path.getsize(pretrained) if os.path.isfile(pretrained) else None]
+        plain["__pretrained__"] = [os.path.realpath(pretrained), checkpoint_size(pretrained, known_sizes)]
     blob = json.dumps(plain, sort_keys=True, default=str).encode()
     return hashlib.sha1(blob).hexdigest()[:10]
 
@@ -178,9 +192,12 @@ def parse_model_overrides(items) -> dict[str, dict[str, str]]:
 
 
 def plan(dataset, models, modes=None, pretrained=None, seeds=3, lm_seeds=None, overrides=None,
-         config_files=None, model_overrides=None) -> tuple[list[Cell], list[str]]:
+         config_files=None, model_overrides=None, known_sizes=None) -> tuple[list[Cell], list[str]]:
     """The cells to run, in table order, and notes (modes a model does not support).
-    ``model_overrides``: ``{model name: {key: value}}`` for that model's cells only."""
+    ``model_overrides``: ``{model name: {key: value}}`` for that model's cells only.
+    ``known_sizes``: ``{checkpoint: bytes}`` of pre-trained checkpoints not on disk whose size a
+    record keeps: planned with it (the same run names as when the file existed), marked
+    ``pretrained_recorded``; any other missing checkpoint is a failed cell."""
     from recbole_mm.quick_start import build_config
     from recbole_mm.utils import get_model
 
@@ -224,13 +241,14 @@ def plan(dataset, models, modes=None, pretrained=None, seeds=3, lm_seeds=None, o
                 own = {k: v for n, kv in model_overrides.items() if get_model(n) is cls for k, v in kv.items()}
                 cell.overrides = dict(overrides, **own, seed=str(seed))
                 try:
-                    if ckpt and not os.path.isfile(ckpt):
+                    if ckpt and checkpoint_size(ckpt, known_sizes) is None:
                         raise FileNotFoundError(f"pre-trained checkpoint not found: {ckpt}")
+                    cell.pretrained_recorded = bool(ckpt) and not os.path.isfile(ckpt)
                     config = build_config(cls, dataset, "finetune", mode, config_files, overrides=cell.overrides)
                     stage = str(config["train_stage"] or "")
                     cell.mode_label = stage[: -len("_ft")] if supported is not None and stage.endswith("_ft") else (
                         mode or ("-" if supported is None else stage or "-"))
-                    cell.config_hash = config_hash(config, ckpt)
+                    cell.config_hash = config_hash(config, ckpt, known_sizes)
                     cell.checkpoint_dir = str(config["checkpoint_dir"] or "saved")
                     pt = f"-pt-{_safe(os.path.splitext(os.path.basename(ckpt))[0])}" if ckpt else ""
                     tag = "" if cell.mode_label == "-" else f"-{cell.mode_label}"

@@ -12,6 +12,15 @@ to the reports (``<out>/runs/<run>.json``), so that a fresh clone, or a checkout
   finished/skipped (metrics, best epoch, epoch count and timings; no curve).  Either is marked
   ``"recorded_from": <the file>`` (:func:`is_recorded`): its checkpoints and log are not on this
   machine, so a recorded pre-training is never a checkpoint to fine-tune from.
+* :func:`checkpoint_sizes`: a pre-training's record also keeps the sizes of its numbered
+  checkpoints (``"checkpoint_sizes": {"<epoch>": bytes}``, given to :func:`write_records` by the
+  transfer report for those on disk then; merged with the sizes the record had, a size on disk
+  replacing the recorded one of its epoch; a pre-training not finished yet has a record of its
+  sizes alone, no result).  A fine-tuning cell's run name hashes its checkpoint's path and size,
+  so without the file, that size names the cell as when the file existed: its recorded result is
+  found (:func:`recbole_mm.leaderboard.plan.checkpoint_size`); there is nothing to run it from.
+  An unfinished pre-training's record also keeps its epochs so far (``"progress"``, read from its
+  ``.resume.pth``; :func:`recorded_progress`): the costs of the report survive the file.
 """
 
 from __future__ import annotations
@@ -65,27 +74,72 @@ def slim(result: dict) -> dict:
     return out
 
 
-def write_records(cells, out) -> None:
-    """``<out>/runs/<run>.json`` for every finished cell (rewritten only when its content changed)."""
+def write_records(cells, out, sizes=None, progress=None) -> None:
+    """``<out>/runs/<run>.json`` for every finished cell, and for every run of ``sizes`` (``{run:
+    {epoch: bytes}}``: a pre-training's checkpoints on disk now) its ``checkpoint_sizes``, merged
+    with those its record had; for every run of ``progress`` (``{run: epoch history}``: an
+    unfinished pre-training's epochs so far) the longer of that history and the recorded one
+    (rewritten only when its content changed)."""
+    sizes, progress = sizes or {}, progress or {}
     for c in cells:
-        if not c.result or not c.run_name:
+        if not c.run_name or not (c.result or sizes.get(c.run_name) or progress.get(c.run_name)):
             continue
         path = record_path(out, c.run_name)
-        text = json.dumps(slim(c.result), indent=1, sort_keys=True) + "\n"
         try:
             with open(path) as f:
-                if f.read() == text:
-                    continue
+                old = f.read()
         except OSError:
-            pass
-        atomic_write(path, text)
+            old = ""
+        rec = slim(c.result) if c.result else {}
+        before = _loads(old)
+        kept = {**_sizes(before), **sizes.get(c.run_name, {})}
+        if kept:
+            rec["checkpoint_sizes"] = {str(e): kept[e] for e in sorted(kept)}
+        if not c.result:
+            history = max(_progress(before), slim({"history": progress.get(c.run_name) or []})["history"], key=len)
+            if history:
+                rec["progress"] = history
+        text = json.dumps(rec, indent=1, sort_keys=True) + "\n"
+        if text != old:
+            atomic_write(path, text)
+
+
+def _loads(text):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def _sizes(rec) -> dict[int, int]:
+    found = rec.get("checkpoint_sizes") if isinstance(rec, dict) else None
+    try:
+        return {int(e): int(n) for e, n in (found or {}).items()}
+    except (TypeError, ValueError, AttributeError):
+        return {}
+
+
+def _progress(rec) -> list:
+    found = rec.get("progress") if isinstance(rec, dict) else None
+    return found if isinstance(found, list) else []
+
+
+def recorded_progress(run_name: str, out) -> list:
+    """The epoch history of an unfinished pre-training as its record in ``out`` keeps it (the
+    epochs it had done when a report was last written while its ``.resume.pth`` existed)."""
+    return _progress(_read_json(record_path(out, run_name))) if out is not None else []
+
+
+def checkpoint_sizes(run_name: str, out) -> dict[int, int]:
+    """``{epoch: bytes}``: the sizes of a pre-training's checkpoints its record in ``out`` keeps."""
+    return _sizes(_read_json(record_path(out, run_name))) if out is not None else {}
 
 
 def recorded_result(run_name: str, out) -> dict | None:
     """The recorded result of ``run_name`` in ``out`` (see the module's doc), or None."""
     path = record_path(out, run_name)
     res = _read_json(path)
-    if isinstance(res, dict):
+    if isinstance(res, dict) and "config" in res:  # not the sizes alone of an unfinished pre-training
         return dict(res, recorded_from=path)
     lines = [(path, rows[run_name]) for path, rows in _runs_csvs(out) if run_name in rows]
     if not lines:

@@ -7,8 +7,10 @@ target from scratch and from the checkpoint, with several seeds; one report per 
 Every run is a leaderboard cell (:mod:`recbole_mm.leaderboard`): its own process, named by a
 hash of its resolved config, skipped when its result file exists (or, without it, the
 committed record in ``--out``: :mod:`recbole_mm.leaderboard.record`; a recorded pre-training
-without its checkpoint is pre-trained again), continued from its ``.resume.pth`` with
-``--resume``, failures reported in the table.  The cells:
+without its checkpoint is pre-trained again; the record keeps the checkpoints' sizes, so the
+cells fine-tuned from a checkpoint that is gone keep their names, and are not run unless
+finished), continued from its ``.resume.pth`` with ``--resume``, failures reported in the
+table.  The cells:
 
 * **pre-training**, once per model: ``run_pretrain`` on the merged ``--pretrain`` domains
   (``--pretrain_path``; ``--pt-set MODEL:key=value`` for one model), keeping the checkpoint

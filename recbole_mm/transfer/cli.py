@@ -22,7 +22,9 @@ continues interrupted cells from their last epoch), failures reported in the tab
 is finished when saved/<run>.json exists, else when the committed record <out>/runs/<run>.json
 (written with the reports) or a finished line of <out>/*.runs.csv has its run name; a
 recorded pre-training whose checkpoint is not in saved/ is pre-trained again (not with
---no-pretrain / --report-only).
+--no-pretrain / --report-only).  A pre-training's record keeps its checkpoints' sizes (part of
+the fine-tuning run names): without the files, the runs from them keep their names and
+recorded rows; one not finished is not run (pre-train again).
 """
 
 EPILOG = """\

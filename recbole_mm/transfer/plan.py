@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 from recbole_mm import leaderboard as lb
 from recbole_mm.leaderboard import Cell, LeaderboardError
-from recbole_mm.leaderboard.record import is_recorded
+from recbole_mm.leaderboard.record import checkpoint_sizes, is_recorded
 
 DEFAULT_METRIC = "ndcg@10"
 SECOND_METRIC = "recall@10"
+NOT_RUN = "not run"  # the status of a cell whose pre-trained checkpoint is only in the record (not a failure)
 
 
 @dataclass
@@ -130,6 +132,39 @@ def checkpoint_of(cell: Cell, epoch: int | None = None) -> str:
     return os.path.join(cell.checkpoint_dir, f"{cell.run_name}-{epoch or cell.transfer_epoch}.pth")
 
 
+def checkpoints_on_disk(cell: Cell) -> dict[int, int]:
+    """``{epoch: bytes}`` of the numbered checkpoints (:func:`checkpoint_of`) a pre-training cell
+    has in checkpoint_dir now (kept in its record by the report: :mod:`recbole_mm.leaderboard.record`)."""
+    if not cell.run_name:
+        return {}
+    pattern = re.compile(re.escape(cell.run_name) + r"-([0-9]+)\.pth")
+    try:
+        names = os.listdir(cell.checkpoint_dir)
+    except OSError:
+        return {}
+    found = {}
+    for n in names:
+        m = pattern.fullmatch(n)
+        if m:
+            try:
+                found[int(m.group(1))] = os.path.getsize(os.path.join(cell.checkpoint_dir, n))
+            except OSError:  # removed meanwhile
+                pass
+    return found
+
+
+def recorded_checkpoints(pre_cells, out) -> dict[str, int]:
+    """``{checkpoint: bytes}``: the pre-trainings' checkpoints that are not in checkpoint_dir but
+    whose size their record in ``out`` keeps (their cells are planned with it; see :func:`plan_targets`)."""
+    known = {}
+    for c in pre_cells:
+        if c.run_name and out is not None:
+            for epoch, size in checkpoint_sizes(c.run_name, out).items():
+                if not os.path.isfile(checkpoint_of(c, epoch)):
+                    known[checkpoint_of(c, epoch)] = size
+    return known
+
+
 def _tag(cells, **attrs):
     for c in cells:
         for k, v in attrs.items():
@@ -138,27 +173,44 @@ def _tag(cells, **attrs):
 
 
 def plan_targets(models, targets, modes, fractions, seeds, lm_seeds, overrides, model_overrides, config_files,
-                 pre_cells, min_steps, zero_shot=True, curve=()) -> tuple[list, list, list, list[str]]:
-    """Fine-tuning, zero-shot and popularity cells for every target (the pre-trained
-    checkpoints must exist: their size is part of a cell's hash)."""
+                 pre_cells, min_steps, zero_shot=True, curve=(), out=None) -> tuple[list, list, list, list[str]]:
+    """Fine-tuning, zero-shot and popularity cells for every target from the pre-trained
+    checkpoints that exist (their size is part of a cell's hash), or whose size the record of
+    their pre-training in ``out`` keeps (:func:`recorded_checkpoints`): such a cell has the run
+    name it had when the file existed, so its recorded result is found; unfinished, it cannot run
+    (``pretrained_recorded``: :mod:`recbole_mm.transfer.run` reports it not run)."""
     from recbole_mm.utils import get_model
 
+    known = recorded_checkpoints(pre_cells, out)
+
+    def have(cell, epoch=None):
+        return lb.checkpoint_size(checkpoint_of(cell, epoch), known) is not None
+
     # a numbered checkpoint is final once it exists (the run's <run>.pth is rewritten every epoch)
-    ready = {c.model: c for c in pre_cells if c.run_name and os.path.isfile(checkpoint_of(c))}
+    ready = {c.model: c for c in pre_cells if c.run_name and have(c)}
     finetune, zs, base, notes = [], [], [], []
     first_seed = [seeds[0]] if isinstance(seeds, list) else 1  # baselines: one run (no seed dependence)
     # no transferred checkpoint yet: zero-shot rows from the latest curve checkpoint written (labelled)
     stand_in = {}
     for c in pre_cells:
         if c.model not in ready and c.run_name:
-            have = [e for e in curve if e < c.transfer_epoch and os.path.isfile(checkpoint_of(c, e))]
-            if have:
-                stand_in[c.model] = (max(have), checkpoint_of(c, max(have)))
+            have_epochs = [e for e in curve if e < c.transfer_epoch and have(c, e)]
+            if have_epochs:
+                stand_in[c.model] = (max(have_epochs), checkpoint_of(c, max(have_epochs)))
     for c in pre_cells:
         if c.model not in ready:
             notes.append(f"{c.model}: no checkpoint after {getattr(c, 'transfer_epoch', '?')} pre-training epochs yet "
-                         f"({c.error or _why_no_checkpoint(c)}); pre-trained and zero-shot rows missing"
-                         + _other_pretraining(c))
+                         f"({c.error or _why_no_checkpoint(c)}); pre-trained and zero-shot rows "
+                         + (f"from the checkpoint after {stand_in[c.model][0]} epoch(s)" if c.model in stand_in
+                            else "missing") + _other_pretraining(c))
+        epochs = sorted(e for e in {getattr(c, "transfer_epoch", None), *curve}
+                        if e and c.run_name and checkpoint_of(c, e) in known)
+        if epochs:
+            notes.append(f"{c.model}: the checkpoint(s) after {', '.join(map(str, epochs))} pre-training epoch(s) "
+                         f"are not in {c.checkpoint_dir}, only their sizes in the committed record: their "
+                         "pre-trained, zero-shot and curve cells keep their run names and results, and those not "
+                         "finished are not run (their checkpoint is only in the record: pre-train again, without "
+                         "--no-pretrain / --report-only)")
     for target in targets:
         for f in fractions:
             ov = dict(overrides, train_fraction=f"{f:g}", stopping_min_steps=str(min_steps))
@@ -166,16 +218,17 @@ def plan_targets(models, targets, modes, fractions, seeds, lm_seeds, overrides, 
                 ov["eval_step"] = str(max(1, round(int(overrides.get("eval_step", 1)) / f)))
             pretrained = [f"{m}={checkpoint_of(ready[get_model(m).__name__])}" for m in models
                           if get_model(m).__name__ in ready]
-            cells, n = lb.plan(target, models, modes, pretrained, seeds, lm_seeds, ov, config_files, model_overrides)
+            cells, n = lb.plan(target, models, modes, pretrained, seeds, lm_seeds, ov, config_files, model_overrides,
+                               known)
             finetune += _tag(cells, dataset=target, fraction=f, kind="finetune", pt_epoch=None)
             notes += [f"{target}: {x}" for x in n]
             for epoch in curve:
                 curve_pt = [f"{m}={checkpoint_of(c, epoch)}" for c in pre_cells for m in models
                             if get_model(m).__name__ == c.model and c.run_name and epoch != c.transfer_epoch
-                            and os.path.isfile(checkpoint_of(c, epoch))]
+                            and have(c, epoch)]
                 if curve_pt:
                     cells, _ = lb.plan(target, [], "inductive", curve_pt, seeds, lm_seeds, ov, config_files,
-                                       model_overrides)
+                                       model_overrides, known)
                     finetune += _tag(cells, dataset=target, fraction=f, kind="curve", pt_epoch=epoch)
             base += _tag(lb.plan(target, ["Popularity"], None, None, first_seed,
                                  None, ov, config_files, None)[0], dataset=target, fraction=f, kind="popularity",
@@ -196,7 +249,7 @@ def plan_targets(models, targets, modes, fractions, seeds, lm_seeds, overrides, 
                 zs += _tag(cells, dataset=target, fraction=1.0, kind="zero-shot", pt_epoch=None)
             if pretrained:  # no training, no dropout in evaluation: the same scores for every seed
                 cells, _ = lb.plan(target, [], "inductive", pretrained, seeds[:1], (lm_seeds or seeds)[:1], ov,
-                                   config_files, model_overrides)
+                                   config_files, model_overrides, known)
                 zs += _tag(cells, dataset=target, fraction=1.0, kind="zero-shot", pt_epoch=None)
                 for c in cells:
                     if c.model in stand_in and c.pretrained == stand_in[c.model][1]:

@@ -9,9 +9,10 @@ import sys
 
 from recbole_mm import leaderboard as lb
 from recbole_mm.leaderboard import Cell
-from recbole_mm.leaderboard.record import epoch_count, is_recorded, record_note, write_records
+from recbole_mm.leaderboard.record import epoch_count, is_recorded, record_note, recorded_progress, write_records
 from recbole_mm.utils import atomic_write
-from recbole_mm.transfer.plan import DEFAULT_METRIC, SECOND_METRIC, TransferPlan, checkpoint_of
+from recbole_mm.transfer.plan import (DEFAULT_METRIC, NOT_RUN, SECOND_METRIC, TransferPlan, checkpoint_of,
+                                      checkpoints_on_disk)
 
 
 def _metric(cells, key):
@@ -119,10 +120,10 @@ def _single_rows(target, cells):
     return [(label, mode, f, cs) for (label, mode, f), cs in groups.items()]
 
 
-def _costs(plan: TransferPlan, target) -> list[str]:
+def _costs(plan: TransferPlan, target, out=None) -> list[str]:
     lines = []
     for c in plan.pretrain:
-        history, peak = _pretrain_progress(c)
+        history, peak = _pretrain_progress(c, out)
         n = epoch_count(c.result) if c.result else len(history)
         if not n:
             lines.append(f"* pre-training {c.model}: {c.status}" + (f" ({c.error})" if c.error else ""))
@@ -141,20 +142,23 @@ def _costs(plan: TransferPlan, target) -> list[str]:
     cells = [c for c in plan.finetune + plan.zero_shot + plan.baselines if c.dataset == target and c.result]
     seconds = sum((c.result.get("timings") or {}).get("total_seconds") or 0 for c in cells)
     pre_s = sum((c.result.get("timings") or {}).get("total_seconds") or 0 if c.result else  # unfinished: its epochs
-                sum(h.get("train_seconds") or 0 for h in _pretrain_progress(c)[0]) for c in plan.pretrain)
+                sum(h.get("train_seconds") or 0 for h in _pretrain_progress(c, out)[0]) for c in plan.pretrain)
     lines.append(f"* this table's {len(cells)} finished runs: {seconds / 3600:.2f} h of run time; with the "
                  f"pre-training: {(seconds + pre_s) / 3600:.2f} h (wall time of each run's process; CPU hours = "
                  "wall hours x threads per run, see Machine)")
     return lines
 
 
-def _pretrain_progress(cell: Cell):
+def _pretrain_progress(cell: Cell, out=None):
     """(epoch history, peak RSS MB or None) of a pre-training cell, finished or still running
-    (read from its ``.resume.pth``, rewritten atomically after every epoch)."""
+    (read from its ``.resume.pth``, rewritten atomically after every epoch; without that file,
+    the epochs its record in ``out`` kept)."""
     if cell.result:
         return cell.result.get("history") or [], (cell.result.get("timings") or {}).get("peak_rss_mb")
-    if not cell.run_name or not os.path.isfile(cell.resume_file):
+    if not cell.run_name:
         return [], None
+    if not os.path.isfile(cell.resume_file):
+        return recorded_progress(cell.run_name, out), None
     try:
         from recbole_mm.trainer.checkpoint import load_checkpoint
 
@@ -163,7 +167,7 @@ def _pretrain_progress(cell: Cell):
         return [], None
 
 
-def render_markdown(target, plan: TransferPlan, command, settings) -> str:
+def render_markdown(target, plan: TransferPlan, command, settings, out=None) -> str:
     rows = comparison_rows(target, plan)
     lines = [f"# Transfer to {target}", "",
              f"Pre-training corpus: **{settings['corpus'].replace(',', ' + ')}**; target: **{target}**. "
@@ -210,13 +214,13 @@ def render_markdown(target, plan: TransferPlan, command, settings) -> str:
                          f"{_ms(r[f'scratch_{DEFAULT_METRIC}'])} | {_ms(r[f'pretrained_{DEFAULT_METRIC}'])} | "
                          + ("–" if r["delta"] is None else f"{r['delta']:+.4f}")
                          + f" | {r['scratch_n']}+{r['pretrained_n']} |")
-    lines += ["", f"![transfer to {target}](transfer-{target}.png)", "", "## Costs", ""] + _costs(plan, target)
+    lines += ["", f"![transfer to {target}](transfer-{target}.png)", "", "## Costs", ""] + _costs(plan, target, out)
     recorded = record_note(_report_cells(plan, target))
     notes = plan.notes + ([recorded] if recorded else [])
     if notes:
         lines += ["", "## Notes", ""] + [f"* {n}" for n in notes]
     failures = [c for c in plan.pretrain + plan.finetune + plan.zero_shot + plan.baselines
-                if c.error and (c.dataset == target or c.stage == "pretrain")]
+                if c.error and c.status != NOT_RUN and (c.dataset == target or c.stage == "pretrain")]
     if failures:
         lines += ["", "## Failures", ""] + [f"* {c.dataset} {c.label}: {lb._md_escape(c.error)}" for c in failures]
     lines += ["", "## Command", "", "```bash", command or "(Python API)", "```", "",
@@ -302,6 +306,8 @@ def write_transfer_report(target, plan: TransferPlan, out, command, settings) ->
         paths["png"] = None
     atomic_write(paths["csv"], _csv(rows + comparison_rows(target, plan, "curve")))
     atomic_write(paths["runs_csv"], _runs_csv(target, plan))
-    atomic_write(paths["md"], render_markdown(target, plan, command, settings))
-    write_records(_report_cells(plan, target), out)
+    atomic_write(paths["md"], render_markdown(target, plan, command, settings, out))
+    progress = {c.run_name: _pretrain_progress(c)[0] for c in plan.pretrain if not c.result and c.run_name}
+    write_records(_report_cells(plan, target), out, {c.run_name: checkpoints_on_disk(c) for c in plan.pretrain},
+                  progress)
     return paths

@@ -7,7 +7,8 @@ import os
 from recbole_mm import leaderboard as lb
 from recbole_mm.leaderboard import Cell, LeaderboardError
 from recbole_mm.leaderboard.record import is_recorded
-from recbole_mm.transfer.plan import TransferPlan, _fraction_list, checkpoint_of, plan_pretrain, plan_targets
+from recbole_mm.transfer.plan import (NOT_RUN, TransferPlan, _fraction_list, checkpoint_of, plan_pretrain,
+                                      plan_targets)
 from recbole_mm.transfer.report import write_transfer_report
 
 
@@ -41,8 +42,10 @@ def _run_cells(cells, config_files, resume, rerun, isolation, timeout, log, repo
         res = _finished(c, out, rerun, report_only)
         if res is not None:
             c.status, c.result = "skipped", res
-        elif report_only:
+        elif report_only or c.pretrained_recorded:
             lb.mark_unfinished(c)
+            if c.pretrained_recorded and c.status == "pending":  # nothing to start it from
+                c.status, c.error = NOT_RUN, "not run: its checkpoint is only in the committed record: pre-train again"
         else:
             todo.append(c)
     for i, c in enumerate(todo, 1):
@@ -111,7 +114,8 @@ def transfer(models, corpus, targets, modes=None, fractions="1.0", seeds=3, lm_s
     _run_cells(pre, config_files, resume, rerun, isolation, timeout, log, report_only=report_only or no_pretrain,
                out=out)
     ft, zs, base, notes = plan_targets(models, targets, modes, fraction_list, seed_list, lm_seed_list, overrides,
-                                       dict(model_overrides or {}), config_files, pre, min_steps, zero_shot, curve)
+                                       dict(model_overrides or {}), config_files, pre, min_steps, zero_shot, curve,
+                                       out)
     plan = TransferPlan(pre, ft, zs, base, notes)
     for n in notes:
         log(f"transfer: {n}")
