@@ -157,14 +157,24 @@ def _pretrain_progress(cell: Cell, out=None):
         return cell.result.get("history") or [], (cell.result.get("timings") or {}).get("peak_rss_mb")
     if not cell.run_name:
         return [], None
-    if not os.path.isfile(cell.resume_file):
-        return recorded_progress(cell.run_name, out), None
     try:
-        from recbole_mm.trainer.checkpoint import load_checkpoint
+        st = os.stat(cell.resume_file)
+    except OSError:
+        return recorded_progress(cell.run_name, out), None
+    key = (st.st_mtime_ns, st.st_size)
+    cached = _RESUME_HISTORY.get(cell.resume_file)
+    if cached is None or cached[0] != key:  # a report reads it several times (costs, totals, record)
+        try:
+            from recbole_mm.trainer.checkpoint import load_checkpoint
 
-        return (load_checkpoint(cell.resume_file).get("trainer") or {}).get("history") or [], None
-    except Exception:  # noqa: BLE001 - a report never fails on a file being replaced
-        return [], None
+            history = (load_checkpoint(cell.resume_file).get("trainer") or {}).get("history") or []
+        except Exception:  # noqa: BLE001 - a report never fails on a file being replaced
+            return [], None
+        cached = _RESUME_HISTORY[cell.resume_file] = (key, history)
+    return cached[1], None
+
+
+_RESUME_HISTORY: dict = {}  # resume file -> ((mtime_ns, size), epoch history): loaded once per version
 
 
 def render_markdown(target, plan: TransferPlan, command, settings, out=None) -> str:
